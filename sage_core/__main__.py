@@ -1,0 +1,3 @@
+from sage_core.cli import main
+
+raise SystemExit(main())
