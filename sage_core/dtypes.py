@@ -340,3 +340,62 @@ class DtypeTrace:
 
 def _short(event: DtypeEvent) -> str:
     return f"{event.name}@{event.scope}" if event.kind == "op" and event.scope else event.name
+
+
+DTYPE_COLOURS = {
+    "float32": "#4C72B0",
+    "float64": "#C44E52",
+    "bfloat16": "#55A868",
+    "float16": "#DD8452",
+}
+_OTHER_COLOUR = "#BBBBBB"  # integer and bool tensors
+
+
+def plot_dtype_flow(traces, kinds=("op",), title=None):
+    """One panel per trace: each event a row, its input and output dtypes as coloured cells.
+
+    `traces` is a DtypeTrace or a {label: DtypeTrace} dict. The first change is shaded,
+    a call that raised is marked. Returns the matplotlib figure (export it with
+    `sage_core.figures.save_figure`).
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch, Rectangle
+
+    if isinstance(traces, DtypeTrace):
+        traces = {"": traces}
+    rows = {label: [e for e in t.events if e.kind in kinds] for label, t in traces.items()}
+    height = max(len(r) for r in rows.values()) * 0.3 + 1.4
+    fig, axes = plt.subplots(1, len(traces), figsize=(5.2 * len(traces), height), squeeze=False)
+    for ax, (label, trace) in zip(axes[0], traces.items(), strict=True):
+        events, first = rows[label], trace.first_change()
+        for row, event in enumerate(events):
+            y = -row
+            if event is first:
+                ax.add_patch(Rectangle((-0.1, y - 0.5), 7.2, 1.0, color="#F2D16B", zorder=0))
+            for col, name in enumerate(event.inputs[:3]):
+                colour = DTYPE_COLOURS.get(name, _OTHER_COLOUR)
+                ax.add_patch(Rectangle((col, y - 0.35), 0.8, 0.7, color=colour))
+            ax.annotate("", (4.0, y), (3.0, y), arrowprops={"arrowstyle": "->", "lw": 0.8})
+            if event.error is not None:
+                ax.text(4.2, y, "raised " + event.error.split(":")[0], va="center", fontsize=8,
+                        color="#C44E52", fontweight="bold")  # fmt: skip
+            for col, name in enumerate(event.outputs[:2]):
+                colour = DTYPE_COLOURS.get(name, _OTHER_COLOUR)
+                ax.add_patch(Rectangle((4.2 + col, y - 0.35), 0.8, 0.7, color=colour))
+            where = f" ({event.scope})" if event.scope else ""
+            ax.text(-0.3, y, f"#{event.index} {event.name}{where}", ha="right", va="center",
+                    fontsize=8)  # fmt: skip
+        ax.set_xlim(-0.2, 7.2)
+        ax.set_ylim(-len(events) + 0.4, 1.2)
+        ax.text(1.4, 0.85, "inputs", ha="center", fontsize=8)
+        ax.text(5.1, 0.85, "outputs", ha="center", fontsize=8)
+        ax.set_title(label, fontsize=10)
+        ax.axis("off")
+    legend = [Patch(color=c, label=n) for n, c in DTYPE_COLOURS.items()]
+    legend += [Patch(color=_OTHER_COLOUR, label="integer"),
+               Patch(color="#F2D16B", label="first dtype change")]  # fmt: skip
+    fig.legend(handles=legend, loc="lower center", ncol=len(legend), fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return fig
