@@ -33,3 +33,40 @@ def save_figure(fig, name: str, directory: Path | str | None = None, dpi: int = 
             tmp.replace(path)
             paths[fmt] = path
     return paths
+
+
+# What the inline backend passes to savefig for every displayed figure: without the metadata
+# override each PNG embeds "Software: Matplotlib version<x.y.z>", so outputs change with the
+# matplotlib version even when the pixels do not.
+INLINE_PRINT_KWARGS = {"bbox_inches": "tight", "metadata": {"Software": None}}
+
+
+def setup_notebook() -> None:
+    """Pin what a notebook's inline figures depend on, so committed outputs are byte-identical.
+
+    Call it once, in the first code cell of every notebook, before plotting: it resets rcParams
+    to matplotlib's defaults (a user's matplotlibrc or style must not leak into committed
+    outputs) and makes inline PNGs carry no software stamp. Outside IPython only the rcParams
+    part applies.
+    """
+    import matplotlib
+
+    matplotlib.rcdefaults()
+    matplotlib.rcParams.update({"svg.hashsalt": SVG_HASH_SALT, "svg.fonttype": "path"})
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is None or not hasattr(shell, "display_formatter"):
+        return
+    import matplotlib.pyplot  # noqa: F401  (activates the inline backend, which sets formatters)
+    from IPython.core.pylabtools import select_figure_formats
+
+    try:
+        from matplotlib_inline.config import InlineBackend
+    except ImportError:
+        InlineBackend = None
+    if InlineBackend is not None:  # so a later `%matplotlib inline` keeps the same settings
+        InlineBackend.instance(parent=shell).print_figure_kwargs = dict(INLINE_PRINT_KWARGS)
+    select_figure_formats(shell, {"png"}, **INLINE_PRINT_KWARGS)
