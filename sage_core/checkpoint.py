@@ -462,12 +462,20 @@ def load_thinker(
             source.validate()
 
         # Pass 2: read exactly those tensors, converted once to dtype on device.
-        state = {key: reader.read(k).to(device=device, dtype=dtype) for key, k in plan.items()}
+        state = {}
+        for key, source_key in plan.items():
+            if key == "lm_head.weight" and source_key == embed_key:  # tied: one copy
+                continue
+            state[key] = reader.read(source_key).to(device=device, dtype=dtype)
+        if plan.get("lm_head.weight") == embed_key:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
         if cache is None:
             for i, source in sources.items():
                 prefix = f"model.layers.{i}.mlp.experts."
                 state[prefix + "gate_up_proj"], state[prefix + "down_proj"] = source.read_all()
         model.load_state_dict(state, strict=True, assign=True)
+        if plan.get("lm_head.weight") == embed_key:
+            model.lm_head.weight = model.model.embed_tokens.weight
         model.model.rotary_emb.reset_buffers(device)
     finally:
         # Resident weights are copies; on-demand experts reopen their shards lazily.
