@@ -138,7 +138,11 @@ def _kernel_manager_class():
             if kernel_name != KERNEL_NAME:
                 return super().get_kernel_spec(kernel_name)
             return KernelSpec(
-                argv=make_ipkernel_cmd(), display_name=KERNEL_NAME, language="python"
+                argv=make_ipkernel_cmd(),
+                display_name=KERNEL_NAME,
+                language="python",
+                # An MPLBACKEND inherited from the shell (e.g. Agg) would drop every inline figure.
+                env={"MPLBACKEND": "module://matplotlib_inline.backend_inline"},
             )
 
     class ThisInterpreterKernelManager(AsyncKernelManager):
