@@ -173,3 +173,29 @@ def test_nothing_in_sage_core_imports_the_sklearn_repro():
         and "sklearn_boundary" in p.read_text(encoding="utf-8")
     ]
     assert offenders == []
+
+
+def test_sklearn_converts_torch_tensors_to_float64_but_keeps_numpy_float32():
+    assert sb.sklearn_sees(torch.randn(3, HIDDEN)) == "float64"
+    assert sb.sklearn_sees(torch.randn(3, HIDDEN).numpy()) == "float32"
+    assert sb.sklearn_sees(torch.randn(3, HIDDEN).to(torch.bfloat16)) == BF16
+
+
+def test_boundary_matrix_matches_the_tables_above():
+    matrix = sb.boundary_matrix(hidden_size=HIDDEN)
+    kinds = {k.replace(" ", "_"): k for k in sb.INPUT_KINDS}
+    assert list(kinds) == list(AS_INPUT)
+    for fit_kind, fit_name in kinds.items():
+        row = matrix["pre-fix"][fit_name]
+        assert row["fit"] == PRE_FIX_FIT[fit_kind]
+        if row["fit"].startswith("centres"):
+            table = (
+                PREDICT_WITH_FLOAT32_CENTRES
+                if row["fit"] == "centres float32"
+                else PREDICT_WITH_FLOAT64_CENTRES
+            )
+            assert {k: row[n] for k, n in kinds.items()} == table
+        fixed = matrix["fixed"][fit_name]
+        assert fixed == {"fit": "centres float32", **{n: "int64" for n in kinds.values()}}
+    text = sb.format_matrix(matrix["pre-fix"])
+    assert "ValueError" in text and "TypeError" in text

@@ -24,6 +24,7 @@ What happens, measured with scikit-learn 1.9.1:
 import numpy as np
 import torch
 from sklearn.cluster import MiniBatchKMeans
+from threadpoolctl import threadpool_limits
 
 from sage_core.classifier import ContextClassifier, gaussian_contexts
 from sage_core.dtypes import to_numpy_float32, to_torch_like
@@ -57,7 +58,8 @@ def fit_report_classifier(
     `random_state` is added (the report had none) only to make reruns identical.
     """
     classifier = MiniBatchKMeans(n_clusters=num_contexts, random_state=seed)
-    classifier.fit(training_embeddings, training_labels)
+    with threadpool_limits(limits=1):  # speed only (see sage_core.classifier); the bug is unchanged
+        classifier.fit(training_embeddings, training_labels)
     return classifier
 
 
@@ -133,6 +135,66 @@ def outcome(fn, *args, **kwargs) -> str:
         return f"centres {np.dtype(result.centers_.dtype).name}"
     dtype = result.dtype
     return str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else np.dtype(dtype).name
+
+
+INPUT_KINDS = {
+    "torch float32": lambda t: t.to(torch.float32),
+    "torch bfloat16": lambda t: t.to(torch.bfloat16),
+    "torch float64": lambda t: t.to(torch.float64),
+    "numpy float32": lambda t: t.detach().cpu().float().numpy().astype(np.float32),
+    "numpy float64": lambda t: t.detach().cpu().float().numpy().astype(np.float64),
+}
+
+
+def sklearn_sees(x) -> str:
+    """The dtype scikit-learn converts `x` to in KMeans.fit/predict (accepted: float64, float32).
+
+    A numpy float32 array is kept; a torch tensor's dtype is not a numpy dtype, so sklearn
+    falls back to the first accepted dtype, float64.
+    """
+    from sklearn.utils import check_array
+
+    try:
+        return np.dtype(check_array(x, dtype=[np.float64, np.float32]).dtype).name
+    except Exception as exc:  # any failure is the observation being reported
+        return f"{type(exc).__name__}: {exc}"
+
+
+def boundary_matrix(
+    hidden_size: int = 2048, num_contexts: int = 5, seed: int = 0
+) -> dict[str, dict[str, dict[str, str]]]:
+    """Outcome of fit then predict for every pair of input kinds, pre-fix and fixed.
+
+    Returns {"pre-fix" | "fixed": {fit kind: {"fit": outcome, predict kind: outcome}}}.
+    """
+    embeddings, labels = report_training_data(100, hidden_size, num_contexts, seed)
+    queries = torch.randn(4, hidden_size, generator=torch.Generator().manual_seed(seed + 2))
+    fitters = {
+        "pre-fix": lambda x: fit_report_classifier(x, labels, num_contexts, seed),
+        "fixed": lambda x: ContextClassifier(num_contexts, seed=seed).fit(x),
+    }
+    matrix = {}
+    for path, fit in fitters.items():
+        matrix[path] = {}
+        for fit_kind, as_fit_input in INPUT_KINDS.items():
+            row = {"fit": outcome(fit, as_fit_input(embeddings))}
+            if row["fit"].startswith("centres"):
+                model = fit(as_fit_input(embeddings))
+                for predict_kind, as_query in INPUT_KINDS.items():
+                    row[predict_kind] = outcome(model.predict, as_query(queries))
+            matrix[path][fit_kind] = row
+    return matrix
+
+
+def format_matrix(rows: dict[str, dict[str, str]]) -> str:
+    """One `boundary_matrix` half as a fixed-width table; exceptions shortened to their type."""
+    columns = ["fit", *INPUT_KINDS]
+    header = f"{'fit input':<16}" + "".join(f"{c:<16}" for c in columns)
+    lines = [header, "-" * len(header)]
+    for fit_kind, row in rows.items():
+        cells = [row.get(c, "-").split(":")[0].removeprefix("centres ") for c in columns]
+        lines.append(f"{fit_kind:<16}" + "".join(f"{c:<16}" for c in cells))
+    return "\n".join(lines)
 
 
 def pipeline_stages(
@@ -248,6 +310,10 @@ __all__ = [
     "mix_report_loop",
     "mix_index_add",
     "outcome",
+    "INPUT_KINDS",
+    "sklearn_sees",
+    "boundary_matrix",
+    "format_matrix",
     "pipeline_stages",
     "label_evidence",
     "plot_boundary",
