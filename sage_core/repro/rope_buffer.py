@@ -160,12 +160,19 @@ class FixedAttentionBlock(_Projections):
         return self._attend(q, k, v)
 
 
-def make_block(variant: str, config: BlockConfig = BlockConfig(), seed: int = 0) -> nn.Module:
-    """A block with seeded weights; `variant` is a key of ROPE_VARIANTS or FIXED."""
+def make_block(
+    variant: str, config: BlockConfig = BlockConfig(), seed: int = 0, dtype="float32"
+) -> nn.Module:
+    """A block with seeded weights; `variant` is a key of ROPE_VARIANTS or FIXED.
+
+    Only the parameters are cast to `dtype`: the RoPE buffer is whatever the variant's
+    own code creates (`module.to(dtype)` would cast it too, which is another story).
+    """
     torch.manual_seed(seed)
-    if variant == FIXED:
-        return FixedAttentionBlock(config)
-    return PreFixAttentionBlock(config, rope=variant)
+    block = FixedAttentionBlock(config) if variant == FIXED else PreFixAttentionBlock(config, variant)
+    for param in block.parameters():
+        param.data = param.data.to(parse_dtype(dtype))
+    return block
 
 
 def make_input(
@@ -222,13 +229,18 @@ def _assign(block: nn.Module, file: Path) -> None:
     block.load_state_dict(load_file(file), assign=True)
 
 
-def _double_then_params_float(block: nn.Module, file: Path) -> None:
-    # A precision check in float64, then "back to float32" for the parameters only:
-    # buffers are not parameters, so inv_freq stays float64.
+def _double_then_params_back(block: nn.Module, file: Path) -> None:
+    # A precision check in float64, then "back" for the parameters only: buffers are
+    # not parameters, so inv_freq stays float64.
     block.load_state_dict(load_file(file))
+    _double_then_params_back_in_place(block)
+
+
+def _double_then_params_back_in_place(block: nn.Module) -> None:
+    dtype = next(block.parameters()).dtype
     block.double()
     for param in block.parameters():
-        param.data = param.data.float()
+        param.data = param.data.to(dtype)
 
 
 LOADING_PATHS: dict[str, Callable[[nn.Module, Path], None]] = {
@@ -236,19 +248,24 @@ LOADING_PATHS: dict[str, Callable[[nn.Module, Path], None]] = {
     "safetensors load_model": _safetensors_load_model,
     "load_state_dict(sd, assign=True)": _assign,
     "meta device + assign=True": _assign,  # the low-memory loader: build on meta, then assign
-    ".double(), params .float()": _double_then_params_float,
+    ".double(), params back": _double_then_params_back,
 }
 
 
 def load_block(
-    variant: str, file: str | os.PathLike, how: str, config: BlockConfig = BlockConfig()
+    variant: str,
+    file: str | os.PathLike,
+    how: str,
+    config: BlockConfig = BlockConfig(),
+    dtype="float32",
 ) -> nn.Module:
     """Build a block of `variant` and load `file` into it the way named by `how`.
 
     The fixed block does not persist its table (it is derived from head_dim and theta),
     so the file's `rope.inv_freq` is not one of its keys. To test it under the same
     conditions, the loading paths that pollute a persistent buffer put the file's table
-    into its buffer as well (the worst case); the copying paths drop it.
+    into its buffer as well (the worst case); the copying paths drop it. Parameters are
+    created in `dtype`; a copying load keeps that dtype, an assigning one takes the file's.
     """
     if how not in LOADING_PATHS:
         raise ValueError(f"unknown loading path {how!r}; expected one of {list(LOADING_PATHS)}")
@@ -257,9 +274,9 @@ def load_block(
         raise FileNotFoundError(f"checkpoint {file} does not exist")
     if how.startswith("meta"):
         with torch.device("meta"):
-            block = make_block(variant, config)
+            block = make_block(variant, config, dtype=dtype)
     else:
-        block = make_block(variant, config)
+        block = make_block(variant, config, dtype=dtype)
     if variant != FIXED:
         LOADING_PATHS[how](block, file)
         return block
@@ -268,11 +285,9 @@ def load_block(
     if how in ("load_state_dict(sd, assign=True)", "meta device + assign=True"):
         block.load_state_dict(weights, assign=True)
         block.rope.inv_freq = table
-    elif how == ".double(), params .float()":
+    elif how == ".double(), params back":
         block.load_state_dict(weights)
-        block.double()
-        for param in block.parameters():
-            param.data = param.data.float()
+        _double_then_params_back_in_place(block)
     else:
         block.load_state_dict(weights)
     return block
@@ -323,9 +338,9 @@ def run_block(block: nn.Module, x: torch.Tensor, variant: str = "", how: str = "
 def evaluate_defence(
     file: str | os.PathLike, x: torch.Tensor, variants=VARIANTS, config=BlockConfig()
 ) -> list[Outcome]:
-    """Every variant on every loading path of `file`, run on `x`."""
+    """Every variant on every loading path of `file`, run on `x` (model dtype = x.dtype)."""
     return [
-        run_block(load_block(variant, file, how, config), x, variant, how)
+        run_block(load_block(variant, file, how, config, dtype=x.dtype), x, variant, how)
         for variant in variants
         for how in LOADING_PATHS
     ]
