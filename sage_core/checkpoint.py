@@ -425,7 +425,10 @@ def load_thinker(
     layer_indices = _layer_indices(layers, cfg.num_hidden_layers)
     _check_resident_bound(max_resident_experts)
     dtype = parse_dtype(dtype)
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a torch device: {e}") from e
 
     reader = SafetensorsReader(path)
     try:
