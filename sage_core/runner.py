@@ -367,6 +367,9 @@ def run(
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
     ensure_kernelspec()
+    # Build matplotlib's font cache here, if it is missing, so that its one-time "building the
+    # font cache" warning lands on our stderr rather than in a notebook's committed outputs.
+    import matplotlib.font_manager  # noqa: F401
 
     record = {
         "started_utc": datetime.now(UTC).isoformat(timespec="seconds"),

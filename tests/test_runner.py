@@ -5,8 +5,10 @@ Each executed notebook starts a kernel (about a second); the module stays well u
 
 import base64
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -223,3 +225,53 @@ def test_failing_cell_in_place_keeps_the_partial_notebook(make_notebook):
     assert [c.execution_count for c in code] == [1, 2, 3]
     assert code[2].outputs[0].ename == "ValueError"
     assert not list(bad.parent.glob(".*"))
+
+
+# --- the runner's files pass nbval with tests/nbval_sanitize.cfg ---------------------------------
+
+SANITIZE = Path(__file__).parent / "nbval_sanitize.cfg"
+VOLATILE_CELLS = [
+    PARAMS,
+    "from tqdm import tqdm\nfor _ in tqdm(range(3)):\n    pass",
+    "print(object())",
+    "import time\nt = time.perf_counter()\nprint(f'took {time.perf_counter() - t:.6f} s')",
+    "import tqdm as tqdm_module\nprint(tqdm_module.__file__)",
+    "2 + 2",
+]
+
+
+def nbval(path):
+    return subprocess.run(
+        [
+            sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval", str(path),
+            "--nbval-sanitize-with", str(SANITIZE), "--nbval-kernel-name", "sage-dtype-trust",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=path.parent,
+    )
+
+
+def test_sanitize_config_is_ascii_and_parsed_by_nbval():
+    from nbval.plugin import get_sanitize_patterns
+
+    text = SANITIZE.read_text(encoding="utf-8")
+    assert text.isascii()  # nbval opens it in the locale's encoding
+    patterns = get_sanitize_patterns(text)
+    assert len(patterns) == text.count("\nregex: ")
+    for regex, _ in patterns:
+        re.compile(regex)
+
+
+def test_runner_output_passes_nbval_and_nbval_still_compares(make_notebook):
+    path = make_notebook("01_volatile", VOLATILE_CELLS)
+    assert runner.run([path], progress=False)[0].status == "ok"
+    proc = nbval(path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    nb = nbformat.read(path, 4)
+    nb.cells[-1].outputs[0].data["text/plain"] = "5"  # a claim that is no longer true
+    nbformat.write(nb, path)
+    proc = nbval(path)
+    assert proc.returncode == 1 and "Cell outputs differ" in proc.stdout
