@@ -420,6 +420,8 @@ def load_thinker(
 
     path = Path(path)
     if not path.is_dir():
+        if path.exists():
+            raise CheckpointError(f"{path}: not a directory; give the checkpoint directory")
         raise CheckpointError(f"{path}: checkpoint directory does not exist")
     cfg = read_config(path)
     layer_indices = _layer_indices(layers, cfg.num_hidden_layers)
