@@ -1,0 +1,194 @@
+"""The layout DESIGN.md fixes, and the shape of every committed notebook."""
+
+import ast
+import re
+
+import nbformat
+import pytest
+
+from sage_core.paths import FIGURES, NOTEBOOKS, ROOT
+
+KERNEL_NAME = "sage-dtype-trust"
+REQUIRED_PARAMETERS = {"model_path", "device", "dtype"}
+NOTEBOOK_NAME = re.compile(r"^\d\d_[a-z0-9]+(?:_[a-z0-9]+)*\.ipynb$")
+NOTEBOOK_FILES = sorted(NOTEBOOKS.glob("*.ipynb"))
+# Metadata that only a particular run has; committed notebooks are written without it.
+VOLATILE_NOTEBOOK_METADATA = ("papermill", "widgets")
+VOLATILE_CELL_METADATA = ("papermill", "execution")
+
+
+@pytest.mark.parametrize(
+    "entry",
+    ["notebooks/", "sage_core/", "tests/", "figures/", "environment.yml", "README.md",
+     "pyproject.toml", "Makefile", ".ci/run"],
+)
+def test_top_level_layout(entry):
+    path = ROOT / entry
+    assert path.is_dir() if entry.endswith("/") else path.is_file(), f"{entry} is missing"
+
+
+def test_ci_runs_the_readme_test_command():
+    commands = [
+        line.strip()
+        for line in (ROOT / ".ci" / "run").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    assert "make test" in commands
+    assert "make test" in (ROOT / "README.md").read_text()
+
+
+def imports_of(tree, package):
+    """Absolute names of the modules a source file imports; `package` resolves relative ones."""
+    names = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            names.append(module)
+            names += [f"{module}.{alias.name}" for alias in node.names]
+    return names
+
+
+def importers_of_repro(root):
+    found = []
+    for path in sorted((root / "sage_core").rglob("*.py")):
+        relative = path.relative_to(root)
+        if relative.parts[:2] == ("sage_core", "repro"):
+            continue
+        package = ".".join(relative.with_suffix("").parts[:-1])
+        names = imports_of(ast.parse(path.read_text(), str(path)), package)
+        if any(n == "sage_core.repro" or n.startswith("sage_core.repro.") for n in names):
+            found.append(str(relative))
+    return found
+
+
+def test_nothing_in_sage_core_imports_repro():
+    assert importers_of_repro(ROOT) == []
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import sage_core.repro.rope_buffer",
+        "from sage_core.repro import rope_buffer",
+        "from sage_core import repro",
+        "from . import repro",
+        "from .repro.sklearn_boundary import fit",
+    ],
+)
+def test_repro_import_scan_sees_every_form(tmp_path, source):
+    (tmp_path / "sage_core" / "repro").mkdir(parents=True)
+    (tmp_path / "sage_core" / "repro" / "__init__.py").write_text("import sage_core.trust\n")
+    (tmp_path / "sage_core" / "model.py").write_text(f'"""sage_core.repro"""\n{source}\n')
+    assert importers_of_repro(tmp_path) == ["sage_core/model.py"]
+
+
+# --- notebooks ----------------------------------------------------------------------------------
+
+
+def assigned_names(source):
+    tree = ast.parse(source)
+    names = set()
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        names |= {t.id for t in targets if isinstance(t, ast.Name)}
+    return names
+
+
+def notebook_problems(nb, name):
+    """Everything wrong with one committed notebook, as readable lines."""
+    problems = []
+    if not NOTEBOOK_NAME.match(name):
+        problems.append(f"{name}: name is not NN_lower_case.ipynb")
+    if nb.metadata.get("kernelspec", {}).get("name") != KERNEL_NAME:
+        problems.append(f"{name}: kernelspec name is not {KERNEL_NAME!r}")
+    problems += [
+        f"{name}: notebook metadata {key!r} is run-specific (rerun with python -m sage_core run)"
+        for key in VOLATILE_NOTEBOOK_METADATA
+        if key in nb.metadata
+    ]
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    if len(tagged) != 1:
+        problems.append(f"{name}: {len(tagged)} cells tagged 'parameters', expected 1")
+    elif tagged[0].cell_type != "code":
+        problems.append(f"{name}: the 'parameters' cell is not a code cell")
+    else:
+        missing = REQUIRED_PARAMETERS - assigned_names(tagged[0].source)
+        if missing:
+            problems.append(f"{name}: parameters cell does not assign {sorted(missing)}")
+    counts = []
+    volatile_cells = set()
+    for index, cell in enumerate(nb.cells):
+        tags = cell.metadata.get("tags", [])
+        where = f"{name} cell {index}"
+        if {"injected-parameters", "papermill-error-cell-tag"} & set(tags):
+            problems.append(f"{where}: left by a parameterised or failed run; rerun with defaults")
+        volatile_cells |= {key for key in VOLATILE_CELL_METADATA if key in cell.metadata}
+        if cell.cell_type != "code":
+            continue
+        counts.append(cell.execution_count)
+        if cell.execution_count is None:
+            problems.append(f"{where}: not executed")
+        errors = [o for o in cell.outputs if o.output_type == "error"]
+        if errors and "raises-exception" not in tags:
+            problems.append(f"{where}: {errors[0].ename} output, not tagged 'raises-exception'")
+    if volatile_cells:
+        problems.append(
+            f"{name}: cells carry run-specific metadata {sorted(volatile_cells)} "
+            "(rerun with python -m sage_core run)"
+        )
+    if None not in counts and counts != list(range(1, len(counts) + 1)):
+        problems.append(f"{name}: execution counts {counts} are not one clean top-to-bottom run")
+    return problems
+
+
+@pytest.mark.parametrize("path", NOTEBOOK_FILES, ids=lambda p: p.name)
+def test_committed_notebook_shape(path):
+    assert notebook_problems(nbformat.read(path, as_version=4), path.name) == []
+
+
+def test_notebook_checks_can_fail():
+    ok = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell(
+                "model_path = None\ndevice: str = 'cpu'\ndtype = 'float32'",
+                metadata={"tags": ["parameters"]},
+                execution_count=1,
+            ),
+            nbformat.v4.new_code_cell(
+                "1/0",
+                metadata={"tags": ["raises-exception"]},
+                execution_count=2,
+                outputs=[nbformat.v4.new_output("error", ename="ZeroDivisionError")],
+            ),
+        ],
+        metadata={"kernelspec": {"name": KERNEL_NAME, "display_name": KERNEL_NAME}},
+    )
+    assert notebook_problems(ok, "01_ok.ipynb") == []
+
+    bad = nbformat.from_dict(ok)
+    bad.metadata.kernelspec.name = "python3"
+    bad.metadata["papermill"] = {"duration": 1.0}
+    bad.cells[0].source = "model_path = None"
+    del bad.cells[1].metadata["tags"]
+    bad.cells.append(nbformat.v4.new_code_cell("x = 1"))
+    problems = "\n".join(notebook_problems(bad, "1_Bad.ipynb"))
+    for expected in ("NN_lower_case", "kernelspec", "'papermill' is run-specific (rerun with python -m sage_core run)",
+                     "does not assign ['device', 'dtype']", "ZeroDivisionError output",
+                     "cell 2: not executed"):
+        assert expected in problems
+
+
+def test_figures_are_named_after_a_notebook():
+    numbers = {p.name[:2] for p in NOTEBOOK_FILES}
+    strays = [
+        p.name
+        for p in FIGURES.iterdir()
+        if not p.name.startswith(".") and not (p.name[:3].endswith("_") and p.name[:2] in numbers)
+    ]
+    assert strays == [], "figures must start with the NN_ of the notebook that makes them"
