@@ -154,7 +154,11 @@ def test_pipeline_stages_record_prefix_failures_and_fixed_dtypes():
     assert stages["fit on torch float32"] == {"pre-fix": "centres float64", "fixed": "centres float32"}
     assert stages["predict float32 hidden"] == {"pre-fix": FLOAT_INTO_DOUBLE, "fixed": "int64"}
     assert stages["selection weights (bfloat16 hidden)"] == {"pre-fix": "float32", "fixed": "bfloat16"}
-    assert stages["mix into bfloat16 output"] == {
+    assert stages["report's per-token loop mix (bfloat16)"] == {
+        "pre-fix": "bfloat16",
+        "fixed": "bfloat16",
+    }
+    assert stages["index_add_ mix into bfloat16 output"] == {
         "pre-fix": f"RuntimeError: {sb.INDEX_ADD_ERROR}",
         "fixed": "bfloat16",
     }

@@ -203,7 +203,8 @@ def pipeline_stages(
     """What comes out of each stage of the classifier + mixing pipeline, pre-fix and fixed.
 
     Stages: fit, predict on float32 hidden states, selection weights against
-    `hidden_dtype` hidden states, and the vectorised mix. Every entry is measured.
+    `hidden_dtype` hidden states, the report's per-token mixing loop and a vectorised
+    index_add_ mix. Every entry is measured.
     """
     embeddings, labels = report_training_data(100, hidden_size, num_contexts, seed)
     hidden = torch.randn(2, 4, hidden_size, generator=torch.Generator().manual_seed(seed + 1))
@@ -230,7 +231,11 @@ def pipeline_stages(
             "pre-fix": outcome(lambda: prefix_weights),
             "fixed": outcome(lambda: fixed_weights),
         },
-        f"mix into {low} output": {
+        f"report's per-token loop mix ({low})": {
+            "pre-fix": outcome(mix_report_loop, hidden_low, expert_ids, prefix_weights, experts),
+            "fixed": outcome(mix_report_loop, hidden_low, expert_ids, fixed_weights, experts),
+        },
+        f"index_add_ mix into {low} output": {
             "pre-fix": outcome(mix_index_add, hidden_low, expert_ids, prefix_weights, experts),
             "fixed": outcome(mix_index_add, hidden_low, expert_ids, fixed_weights, experts),
         },
@@ -273,7 +278,9 @@ def plot_boundary(stages: dict, evidence: dict):
         for col, name in enumerate(columns):
             text = cells[name]
             failed = "Error" in text.split(":")[0]
-            color = "#e8a0a0" if failed else ("#f3d38b" if "float64" in text else "#a8d5a2")
+            # Amber: no exception, but a different dtype from the fixed path (silent drift).
+            drifted = not failed and text != cells["fixed"]
+            color = "#e8a0a0" if failed else ("#f3d38b" if drifted else "#a8d5a2")
             ax_stages.add_patch(Rectangle((col, y), 1, 1, facecolor=color, edgecolor="white", lw=2))
             short = text.split(":")[0] if failed else text
             ax_stages.text(col + 0.5, y + 0.5, short, ha="center", va="center", fontsize=9)
@@ -282,7 +289,9 @@ def plot_boundary(stages: dict, evidence: dict):
     ax_stages.set_xlim(0, 2)
     ax_stages.set_ylim(0, len(stages) + 0.6)
     ax_stages.axis("off")
-    ax_stages.set_title("dtype out of each stage (red: exception, amber: float64)", fontsize=10)
+    ax_stages.set_title(
+        "dtype out of each stage (red: exception, amber: differs from fixed)", fontsize=10
+    )
 
     bars = {k: v for k, v in evidence.items() if k != "chance"}
     names = list(bars)
