@@ -116,7 +116,7 @@ class DtypeEvent:
     name: str  # module path ("rope", "q_proj") or op ("torch.outer", "Tensor.mul")
     scope: str  # the innermost traced module the event ran in ("" at top level)
     inputs: tuple[str, ...]  # dtype names of every tensor input, in argument order
-    outputs: tuple[str, ...]  # dtype names of every tensor output ("" when it raised)
+    outputs: tuple[str, ...]  # dtype names of every tensor output (empty when it raised)
     error: str | None = None  # "RuntimeError: ..." when the call raised
 
     @property
