@@ -192,3 +192,14 @@ def test_figures_are_named_after_a_notebook():
         if not p.name.startswith(".") and not (p.name[:3].endswith("_") and p.name[:2] in numbers)
     ]
     assert strays == [], "figures must start with the NN_ of the notebook that makes them"
+
+
+def test_readme_tour_matches_the_notebooks():
+    rows = re.findall(
+        r"^\| (\d\d_[a-z0-9_]+) \|.*\| (present|planned) \|$",
+        (ROOT / "README.md").read_text(),
+        flags=re.MULTILINE,
+    )
+    assert rows, "README.md has no tour table"
+    present = {name for name, status in rows if status == "present"}
+    assert present == {p.stem for p in NOTEBOOK_FILES}, "README tour: mark notebooks present"
