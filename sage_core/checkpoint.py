@@ -175,6 +175,15 @@ def _read_index(index: Path) -> dict[str, str]:
     return weight_map
 
 
+def _owned(tensor: torch.Tensor, device, dtype) -> torch.Tensor:
+    """`tensor` converted to dtype on device, always a copy.
+
+    safetensors hands out zero-copy views of its memory map; a model holding those would
+    crash (SIGBUS) if the file were later truncated or overwritten in place.
+    """
+    return tensor.to(device=device, dtype=dtype, copy=True)
+
+
 def _check_header(reader: SafetensorsReader, key: str, expected: tuple[int, ...]) -> None:
     shape, dtype = reader.header(key)
     if shape != tuple(expected):
@@ -236,23 +245,32 @@ class ExpertSource:
             )
         return tensor
 
-    def read(self, expert: int) -> tuple[tuple[torch.Tensor, torch.Tensor], int]:
-        """((gate_up, down), bytes read from the file) for one expert."""
+    def read_into(self, expert: int, gate_up: torch.Tensor, down: torch.Tensor) -> int:
+        """Copy one expert, converted, into `gate_up` [2I, H] and `down` [H, I]; -> bytes read."""
         if self.fused:
-            gate_up = self._read(self.prefix + "gate_up_proj", self.gate_up_shape, expert)
-            down = self._read(self.prefix + "down_proj", self.down_shape, expert)
-            parts = [gate_up]
+            parts = [self._read(self.prefix + "gate_up_proj", self.gate_up_shape, expert)]
+            file_down = self._read(self.prefix + "down_proj", self.down_shape, expert)
         else:
             half = (self.gate_up_shape[0] // 2, self.gate_up_shape[1])
             key = f"{self.prefix}{expert}."
             parts = [
-                self._read(key + "gate_proj.weight", half),
+                self._read(key + "gate_proj.weight", half),  # gate rows first, then up
                 self._read(key + "up_proj.weight", half),
             ]
-            down = self._read(key + "down_proj.weight", self.down_shape)
-        nbytes = sum(p.nbytes for p in parts) + down.nbytes
-        gate_up = torch.cat(parts).to(device=self.device, dtype=self.dtype)
-        return (gate_up, down.to(device=self.device, dtype=self.dtype)), nbytes
+            file_down = self._read(key + "down_proj.weight", self.down_shape)
+        # copy_ converts dtype and crosses devices (file on CPU, weights maybe on a GPU).
+        start = 0
+        for part in parts:
+            gate_up[start : start + part.shape[0]].copy_(part)
+            start += part.shape[0]
+        down.copy_(file_down)
+        return sum(p.nbytes for p in parts) + file_down.nbytes
+
+    def read(self, expert: int) -> tuple[tuple[torch.Tensor, torch.Tensor], int]:
+        """((gate_up, down), bytes read from the file) for one expert, for the cache."""
+        gate_up = torch.empty(self.gate_up_shape, dtype=self.dtype, device=self.device)
+        down = torch.empty(self.down_shape, dtype=self.dtype, device=self.device)
+        return (gate_up, down), self.read_into(expert, gate_up, down)
 
     def read_all(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Stacked (gate_up [E, 2I, H], down [E, H, I]) for the resident model."""
@@ -260,12 +278,12 @@ class ExpertSource:
         if self.fused:
             gate_up = self._read(self.prefix + "gate_up_proj", (e, *self.gate_up_shape))
             down = self._read(self.prefix + "down_proj", (e, *self.down_shape))
-            return gate_up.to(self.device, self.dtype), down.to(self.device, self.dtype)
-        # Fill preallocated stacks expert by expert, so peak memory stays one expert above.
+            return _owned(gate_up, self.device, self.dtype), _owned(down, self.device, self.dtype)
+        # Fill preallocated stacks expert by expert: no second full-size copy.
         gate_up = torch.empty((e, *self.gate_up_shape), dtype=self.dtype, device=self.device)
         down = torch.empty((e, *self.down_shape), dtype=self.dtype, device=self.device)
         for expert in range(e):
-            (gate_up[expert], down[expert]), _ = self.read(expert)
+            self.read_into(expert, gate_up[expert], down[expert])
         return gate_up, down
 
 
@@ -471,7 +489,7 @@ def load_thinker(
         for key, source_key in plan.items():
             if key == "lm_head.weight" and source_key == embed_key:  # tied: one copy
                 continue
-            state[key] = reader.read(source_key).to(device=device, dtype=dtype)
+            state[key] = _owned(reader.read(source_key), device, dtype)
         if plan.get("lm_head.weight") == embed_key:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
         if cache is None:

@@ -264,3 +264,12 @@ def test_fused_on_demand_shard_deleted_after_load(tmp_path):
         CheckpointError, match=r"missing.*thinker\.model\.layers\.0\.mlp\.experts\.gate_up_proj"
     ):
         model(IDS)
+
+
+@pytest.mark.parametrize("bound", [None, 2 * 8])
+def test_loaded_weights_do_not_depend_on_the_files(ckpt, bound):
+    model = load_thinker(ckpt, max_resident_experts=bound)
+    before = model(IDS)  # with a bound of all experts, every used expert is now cached
+    for shard in ckpt.glob("model-*.safetensors"):
+        shard.write_bytes(b"")  # a zero-copy view of the memory map would now fault
+    assert torch.equal(model(IDS), before)
