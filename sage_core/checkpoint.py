@@ -145,7 +145,10 @@ class SafetensorsReader:
         return tuple(sl.get_shape()), sl.get_dtype()
 
     def read(self, key: str, index: int | None = None) -> torch.Tensor:
-        """The tensor `key` (or its row `index`, read alone), in the file's dtype, on CPU."""
+        """The tensor `key` (or its row `index`, read alone), in the file's dtype, on CPU.
+
+        It may be a zero-copy view of the file's memory map: copy it (`_owned`) to keep it.
+        """
         sl = self._slice(key)
         try:
             if index is None:
