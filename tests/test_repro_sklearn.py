@@ -164,21 +164,6 @@ def test_pipeline_stages_record_prefix_failures_and_fixed_dtypes():
     }
 
 
-def test_nothing_in_sage_core_imports_the_sklearn_repro():
-    from pathlib import Path
-
-    import sage_core.classifier
-
-    package = Path(sage_core.classifier.__file__).parent
-    offenders = [
-        str(p.relative_to(package))
-        for p in package.rglob("*.py")
-        if "repro" not in p.relative_to(package).parts
-        and "sklearn_boundary" in p.read_text(encoding="utf-8")
-    ]
-    assert offenders == []
-
-
 def test_sklearn_converts_torch_tensors_to_float64_but_keeps_numpy_float32():
     assert sb.sklearn_sees(torch.randn(3, HIDDEN)) == "float64"
     assert sb.sklearn_sees(torch.randn(3, HIDDEN).numpy()) == "float32"
