@@ -184,16 +184,3 @@ def test_bad_arguments_are_named(checkpoints, tmp_path):
     with pytest.raises(ValueError, match="unknown rope variant 'post-fix'"):
         rb.make_block("post-fix")
 
-
-def test_repro_is_not_imported_by_the_library():
-    import pathlib
-
-    import sage_core.rope
-
-    root = pathlib.Path(sage_core.rope.__file__).parent
-    offenders = [
-        p.relative_to(root).as_posix()
-        for p in root.rglob("*.py")
-        if "repro" not in p.relative_to(root).parts and "sage_core.repro" in p.read_text()
-    ]
-    assert offenders == []
