@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
 	$(PY) -m ipykernel install --sys-prefix --name sage-dtype-trust --display-name "sage-dtype-trust (.venv)" >/dev/null
+	$(PY) -c "import matplotlib.pyplot" >/dev/null 2>&1  # build the font cache outside any notebook
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -1,5 +1,7 @@
 """Deterministic figure export: one helper writes PNG, SVG and PDF byte-identically on rerun."""
 
+import os
+import tempfile
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -28,9 +30,15 @@ def save_figure(fig, name: str, directory: Path | str | None = None, dpi: int = 
     with plt.rc_context({"svg.hashsalt": SVG_HASH_SALT, "svg.fonttype": "path"}):
         for fmt, metadata in _METADATA.items():
             path = out / f"{name}.{fmt}"
-            tmp = path.with_suffix(f".{fmt}.tmp")
-            fig.savefig(tmp, format=fmt, dpi=dpi, metadata=metadata, bbox_inches="tight")
-            tmp.replace(path)
+            # A unique temp name: two runs writing the same figure must not collide.
+            fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=f".{fmt}")
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fig.savefig(fh, format=fmt, dpi=dpi, metadata=metadata, bbox_inches="tight")
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
             paths[fmt] = path
     return paths
 

@@ -64,6 +64,13 @@ class MultimodalRotaryEmbedding(nn.Module):
         """Recompute `inv_freq` (e.g. after building the module on the meta device)."""
         self.inv_freq = rope_inv_freq(self.head_dim, self.theta, device=device)
 
+    def _apply(self, fn, recurse=True):
+        # A parent's `.to(bfloat16)` would round the table with the weights, and casting
+        # back at use cannot undo rounding: rebuild it in float32 wherever it moved.
+        super()._apply(fn, recurse)
+        self.reset_buffers(device=self.inv_freq.device)
+        return self
+
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor):
         if position_ids.dim() == 2:
