@@ -19,10 +19,12 @@ from torch import nn
 
 from sage_core.config import ThinkerTextConfig
 
-# At most this many tokens take the gather path (gpt-fast): each token gathers its
-# k experts' weights and runs two batched matmuls, with no host sync. Above it, tokens
-# are grouped by expert. Measured on CPU (see tests/test_moe.py and the report).
-GATHER_MAX_TOKENS = 1
+# Decode with resident experts may gather each token's k experts' weights and run two
+# batched matmuls with no host sync (gpt-fast's choice on GPU). Measured on CPU (mid
+# config: 128 experts, top-8, hidden 512, intermediate 192; 1 to 8 tokens) the grouped
+# path was faster in float32 and bfloat16, so the gather path is used on CUDA only.
+GATHER_DEVICES = ("cuda",)
+GATHER_MAX_TOKENS = 4
 
 
 class ExpertSelector(Protocol):
@@ -144,7 +146,11 @@ class SparseMoeBlock(nn.Module):
         self._check_choice(indices, weights, x)
         if self.trace is not None:
             self.trace.append((indices.detach().cpu(), weights.detach().cpu()))
-        if isinstance(self.experts, ResidentExperts) and x.shape[0] <= GATHER_MAX_TOKENS:
+        if (
+            isinstance(self.experts, ResidentExperts)
+            and x.device.type in GATHER_DEVICES
+            and x.shape[0] <= GATHER_MAX_TOKENS
+        ):
             out = gathered_expert_mix(x, indices, weights, self.experts)
         else:
             out = grouped_expert_mix(x, indices, weights, self.experts)
