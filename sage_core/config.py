@@ -80,7 +80,7 @@ def _text_section(raw: dict, source: str) -> dict:
         raw, where = thinker, "thinker_config."
     else:
         where = ""
-    if "text_config" in raw or raw.get("model_type") in THINKER_MODEL_TYPES:
+    if where or "text_config" in raw or raw.get("model_type") in THINKER_MODEL_TYPES:
         text = raw.get("text_config")
         if not isinstance(text, dict):
             raise CheckpointError(f"{source}: missing field '{where}text_config' (a JSON object)")
