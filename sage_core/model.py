@@ -199,7 +199,7 @@ class Qwen3OmniThinker(nn.Module):
                 f"input_ids must be a non-empty int64 tensor, got {input_ids.dtype} "
                 f"of shape {tuple(input_ids.shape)}"
             )
-        lo, hi = input_ids.min().item(), input_ids.max().item()
+        lo, hi = (int(v) for v in torch.aminmax(input_ids))  # one host sync
         if lo < 0 or hi >= self.config.vocab_size:
             raise ValueError(
                 f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), "
