@@ -91,14 +91,6 @@ class Qwen3OmniThinker(nn.Module):
                 module.experts.gate_up_proj.normal_(0.0, std, generator=generator)
                 module.experts.down_proj.normal_(0.0, std, generator=generator)
 
-    def _apply(self, fn, recurse=True):
-        # `.to(dtype)` would round the float32 RoPE table with the weights; rebuild it
-        # in float32 on whatever device it moved to.
-        super()._apply(fn, recurse)
-        rotary = self.model.rotary_emb
-        rotary.reset_buffers(device=rotary.inv_freq.device)
-        return self
-
     # --- routing hooks -------------------------------------------------------------
 
     def sparse_blocks(self) -> dict[int, SparseMoeBlock]:
