@@ -169,7 +169,7 @@ class TrustTable:
             "sha256": _tensors_sha256(tensors),
         }
         path = Path(path)
-        _atomic_write_bytes(path, safetensors_save(tensors, metadata=metadata))
+        atomic_write_bytes(path, safetensors_save(tensors, metadata=metadata))
         return path
 
     @classmethod
@@ -392,7 +392,7 @@ def _tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Temp file beside the target, fsync, os.replace, fsync the directory."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

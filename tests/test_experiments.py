@@ -1,0 +1,192 @@
+"""Experiment protocol (sage_core.experiments): bootstrap CIs, inputs, an end-to-end tiny run."""
+
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from sage_core.config import ThinkerTextConfig
+from sage_core.corpus import CONTEXTS, CorpusConfig, load_corpus
+from sage_core.experiments import (
+    ContextAssigner,
+    TrustProtocol,
+    bootstrap_ci,
+    evaluate,
+    make_samples,
+    moe_input_states,
+    paired_effect,
+    perplexity_by_context,
+    run_generations,
+    run_learning_curve,
+    save_records,
+    score_continuation,
+)
+from sage_core.model import Qwen3OmniThinker
+from sage_core.tokenizer import ByteTokenizer
+from sage_core.trust import TrustLearner, TrustSelector, TrustTable
+
+CONFIG = ThinkerTextConfig(
+    vocab_size=259,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    intermediate_size=0,
+    moe_intermediate_size=16,
+    num_experts=6,
+    num_experts_per_tok=2,
+    mrope_section=(3, 3, 2),
+)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a Python other than the reference one warns
+        return load_corpus(tmp_path_factory.mktemp("corpus"), CorpusConfig().scaled(0.01))
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Qwen3OmniThinker(CONFIG).eval()
+
+
+# --- bootstrap -----------------------------------------------------------------------------
+
+
+def test_bootstrap_ci_covers_the_true_mean_at_about_the_nominal_rate():
+    rng = np.random.default_rng(123)
+    trials, covered = 300, 0
+    for t in range(trials):
+        x = rng.normal(1.0, 2.0, size=40)
+        ci = bootstrap_ci(x, num_resamples=2000, seed=t)
+        assert ci["low"] <= ci["mean"] <= ci["high"]
+        covered += ci["low"] <= 1.0 <= ci["high"]
+    # percentile bootstrap at n=40 under-covers slightly; 300 trials: sd ~ 1.3 points
+    assert 0.89 <= covered / trials <= 0.985
+
+
+def test_bootstrap_ci_is_seeded_and_narrows_with_more_data():
+    x = np.random.default_rng(0).exponential(size=50)
+    assert bootstrap_ci(x, seed=5) == bootstrap_ci(x, seed=5)
+    wide = bootstrap_ci(x[:10], seed=0)
+    narrow = bootstrap_ci(np.tile(x, 20), seed=0)
+    assert narrow["high"] - narrow["low"] < wide["high"] - wide["low"]
+
+
+def test_bootstrap_ci_degenerate_inputs():
+    assert bootstrap_ci([2.5]) == {"mean": 2.5, "low": 2.5, "high": 2.5, "n": 1}
+    ci = bootstrap_ci([0.1] * 7)
+    assert ci["low"] == ci["high"] == ci["mean"] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="at least one"):
+        bootstrap_ci([])
+    with pytest.raises(ValueError, match="finite"):
+        bootstrap_ci([1.0, math.nan])
+    with pytest.raises(ValueError, match="confidence"):
+        bootstrap_ci([1.0, 2.0], confidence=1.0)
+
+
+# --- inputs and scoring --------------------------------------------------------------------
+
+
+def test_make_samples_interleaves_contexts_and_is_seeded(corpus):
+    tok = ByteTokenizer()
+    a = make_samples(tok, "heldout", 2, 8, 5, seed=0, corpus=corpus)
+    b = make_samples(tok, "heldout", 2, 8, 5, seed=0, corpus=corpus)
+    c = make_samples(tok, "heldout", 2, 8, 5, seed=1, corpus=corpus)
+    assert [s.context for s in a] == list(CONTEXTS) * 2
+    assert all(s.prompt.numel() == 8 and s.continuation.numel() == 5 for s in a)
+    assert [(s.document, s.offset) for s in a] == [(s.document, s.offset) for s in b]
+    assert [(s.document, s.offset) for s in a] != [(s.document, s.offset) for s in c]
+    doc = corpus.documents(a[0].context, "heldout")[a[0].document]
+    ids = tok.encode(doc)[a[0].offset : a[0].offset + 13]
+    assert torch.cat([a[0].prompt, a[0].continuation]).tolist() == ids
+    many = make_samples(tok, "heldout", 50, 8, 5, seed=0, corpus=corpus)  # documents reused
+    assert len(many) == 150
+    with pytest.raises(ValueError, match="heldout"):
+        make_samples(tok, "heldout", 1, 8, 10**7, seed=0, corpus=corpus)
+
+
+def test_moe_input_states_is_the_first_moe_blocks_input(model):
+    ids = torch.arange(10)[None]
+    seen = {}
+    block = model.sparse_blocks()[0]
+
+    def hook(module, args, output):
+        seen["x"] = args[0]
+
+    handle = block.register_forward_hook(hook)
+    try:
+        model.hidden_states(ids)
+    finally:
+        handle.remove()
+    assert torch.equal(moe_input_states(model, ids), seen["x"])
+
+
+def test_score_continuation_is_teacher_forced_nll(model, corpus):
+    sample = make_samples(ByteTokenizer(), "heldout", 1, 6, 4, seed=0, corpus=corpus)[0]
+    nll, routing = score_continuation(model, sample, with_routing=True)
+    ids = torch.cat([sample.prompt, sample.continuation])[None]
+    logits = model(ids)[0, 5:9]
+    want = torch.nn.functional.cross_entropy(logits, sample.continuation, reduction="none")
+    assert torch.allclose(nll, want, atol=1e-5)
+    assert sorted(routing) == [0, 1]
+    assert all(r.shape == (4, 6) for r in routing.values())
+    assert all(torch.allclose(r.sum(-1), torch.ones(4)) for r in routing.values())
+
+
+def test_classifier_in_the_loop_reports_accuracy_and_purity(model, corpus):
+    tok = ByteTokenizer()
+    train = make_samples(tok, "train", 3, 16, 4, seed=0, corpus=corpus)
+    held = make_samples(tok, "heldout", 2, 16, 4, seed=0, corpus=corpus)
+    for mode in ("supervised", "kmeans"):
+        assigner = ContextAssigner.fit(model, train, mode, seed=0)
+        stats = assigner.evaluate(model, held)
+        assert stats["mode"] == mode and stats["samples"] == 6
+        assert 0 <= stats["accuracy"] <= 1 and 1 / 3 <= stats["purity"] <= 1
+        assert assigner.assign(model, held[0].prompt) in CONTEXTS
+
+
+# --- end to end ----------------------------------------------------------------------------
+
+
+def test_tiny_learning_curve_records(model, corpus, tmp_path):
+    protocol = TrustProtocol(num_updates=3, eval_every=2, seeds=(0, 1), classifier_per_context=2,
+                             heldout_per_context=1, prompt_tokens=8, continuation_tokens=8,
+                             beta=3.0)
+    out = run_learning_curve(model, ByteTokenizer(), protocol, corpus, show_progress=False)
+    curve = out["curve"]
+    assert set(curve[0]) == {"seed", "arm", "step", "context", "nll_sum", "tokens", "mean_nll",
+                             "perplexity", "rule", "beta", "context_source"}
+    assert sorted({r["step"] for r in curve}) == [0, 2, 3]
+    assert len(curve) == 2 * 2 * 3 * (len(CONTEXTS) + 1)
+    assert len(out["updates"]) == 2 * 3 and len(out["classifier"]) == 2
+    # neutral trust at step 0 is the router exactly
+    for effect in paired_effect(curve, step=0):
+        assert effect["nll_diff"] == 0.0
+    assert len(paired_effect(curve, step=3, context="code")) == 2
+    paths = save_records(curve, "curve", directory=tmp_path)
+    assert json.loads(paths["json"].read_text()) == curve
+    assert paths["csv"].read_text().splitlines()[0].startswith("seed,arm,step,context")
+
+
+def test_generations_baseline_and_trust(model, corpus):
+    tok = ByteTokenizer()
+    samples = make_samples(tok, "heldout", 1, 8, 6, seed=0, corpus=corpus)
+    base = run_generations(model, tok, samples, max_new_tokens=3, show_progress=False)
+    table = TrustTable.for_model(model, CONTEXTS)
+    selector = TrustSelector.for_model(model, table, beta=5.0)
+    trust = run_generations(model, tok, samples, selector, TrustLearner(table, 1.0),
+                            max_new_tokens=3, show_progress=False)
+    assert [r["arm"] for r in base["records"]] == ["baseline"] * 3
+    first = trust["records"][0]
+    assert first["perplexity"] == base["records"][0]["perplexity"]  # neutral trust
+    assert set(first["slots_changed"].values()) == {0.0}
+    assert len(trust["trust"]) == 3 and not trust["trust"][-1].is_neutral()
+    rows = evaluate(model, samples)
+    assert perplexity_by_context(rows)["all"]["tokens"] == 18
