@@ -88,8 +88,8 @@ class HFTokenizer:
         self.source = source
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         vocab = tokenizer.get_vocab(with_added_tokens=True)
-        # Qwen's chat specials; other families fall back to the common names.
-        self.bos_id = _first_id(vocab, ("<|im_start|>", "<s>", "<|begin_of_text|>", "<bos>"))
+        # Qwen has no BOS; its pretraining separates documents with <|endoftext|>.
+        self.bos_id = _first_id(vocab, ("<|endoftext|>", "<s>", "<|begin_of_text|>", "<bos>"))
         self.eos_id = _first_id(vocab, ("<|endoftext|>", "<|im_end|>", "</s>", "<eos>"))
         self.pad_id = _first_id(vocab, ("<|endoftext|>", "<pad>"))
 
