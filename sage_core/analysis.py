@@ -80,17 +80,19 @@ class ContextPass:
     """Per scored token of one context: its bits, its document, its routing per layer."""
 
     context: str
-    bits: np.ndarray  # (N,) float64, -log2 p(target)
+    bits: np.ndarray  # (N,) float64, -log2 p(target token)
     doc_of: np.ndarray  # (N,) document index of the target
+    num_bytes: int  # UTF-8 bytes of the scored text (= N for the byte tokenizer)
     routing: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> (N, k) expert ids
 
     @property
-    def num_bytes(self) -> int:
-        return int(self.bits.size)
+    def bits_per_byte(self) -> float:
+        return float(self.bits.sum() / self.num_bytes)
 
     @property
-    def bits_per_byte(self) -> float:
-        return float(self.bits.sum() / self.bits.size)
+    def perplexity(self) -> float:
+        """Per token: 2 ** (mean bits per token)."""
+        return float(2.0 ** (self.bits.sum() / self.bits.size))
 
 
 @torch.no_grad()
@@ -99,7 +101,8 @@ def score_documents(
     batch_size: int = 16, route: bool = True,
 ) -> ContextPass:
     """Teacher-forced bits of every non-special target token, and (route=True) the experts
-    chosen for the token that predicts it. For the byte tokenizer, tokens are bytes."""
+    chosen for the token that predicts it. Bits per byte divide by the documents' UTF-8
+    bytes, so they compare across tokenizers (for the byte tokenizer, tokens are bytes)."""
     stride = stride or window // 2
     if not 0 < stride < window:
         raise ValueError(f"need 0 < stride < window, got stride={stride}, window={window}")
@@ -142,6 +145,7 @@ def score_documents(
         context=context,
         bits=np.concatenate(bits),
         doc_of=doc_of[targets],
+        num_bytes=sum(len(d.encode("utf-8")) for d in documents),
         routing={k: torch.cat(v).numpy() for k, v in routing.items()},
     )
 
@@ -260,3 +264,92 @@ def layer_sweep(
         }
         del model
     return out
+
+
+def sweep_layer_counts(num_layers: int) -> list[int]:
+    """1, 2, ..., N for a small model; 1, 3, 5, ..., N for a deep one (the report's sweep)."""
+    if num_layers <= 8:
+        return list(range(1, num_layers + 1))
+    return sorted(set(range(1, num_layers + 1, 2)) | {num_layers})
+
+
+# ------------------------------------------------------------------- generation helpers
+
+
+def heldout_prompts(corpus: Corpus, n: int, prompt_bytes: int = 96, seed: int = 0):
+    """`n` (context, prompt) pairs cycling through the contexts: prompt i is `prompt_bytes`
+    bytes of held-out document i // 3 of its context, starting at a seeded line start."""
+    import random
+
+    rng = random.Random(seed)
+    prompts = []
+    for i in range(n):
+        context = CONTEXTS[i % len(CONTEXTS)]
+        docs = corpus.documents(context, "heldout")
+        doc = docs[(i // len(CONTEXTS)) % len(docs)]
+        data = doc.encode("utf-8")
+        starts = [0] + [j + 1 for j, b in enumerate(data[:-prompt_bytes]) if b == 0x0A]
+        start = rng.choice(starts)
+        prompt = data[start : start + prompt_bytes].decode("utf-8", errors="ignore")
+        prompts.append((context, prompt))
+    return prompts
+
+
+def greedy_generations(model, tokenizer, prompts, max_new_tokens: int) -> list[dict]:
+    """Greedy continuation of each (context, prompt); records with the decoded text."""
+    from sage_core.generation import generate
+
+    device = model.model.embed_tokens.weight.device
+    out = []
+    for context, prompt in prompts:
+        ids = torch.tensor([tokenizer.encode(prompt, add_bos=True)], device=device)
+        new = generate(model, ids, max_new_tokens)[0, ids.shape[1] :].tolist()
+        out.append({"context": context, "prompt": prompt, "tokens": new,
+                    "continuation": tokenizer.decode(new)})
+    return out
+
+
+# ------------------------------------------------------------------------------ figures
+
+
+def plot_expert_usage(routing: dict, num_experts: int):
+    """Heatmaps of expert shares (layers x experts), one panel per context."""
+    import matplotlib.pyplot as plt
+
+    layers = sorted(routing["expert_share"], key=int)
+    contexts = sorted(routing["expert_share"][layers[0]])
+    grids = {c: np.array([routing["expert_share"][layer][c] for layer in layers])
+             for c in contexts}
+    vmax = max(g.max() for g in grids.values())
+    fig, axes = plt.subplots(len(contexts), 1, figsize=(8, 1.2 + 0.45 * len(layers) * len(contexts)),
+                             sharex=True, squeeze=False)
+    for ax, c in zip(axes[:, 0], contexts):
+        im = ax.imshow(grids[c], aspect="auto", cmap="viridis", vmin=0, vmax=vmax,
+                       interpolation="nearest")
+        ax.set_ylabel(f"{c}\nlayer")
+        ax.set_yticks(range(len(layers)), layers)
+    axes[-1, 0].set_xlabel(f"expert (of {num_experts})")
+    fig.colorbar(im, ax=axes[:, 0].tolist(), label="share of top-k slots")
+    fig.suptitle("Expert usage on held-out text, per context and layer")
+    return fig
+
+
+def plot_layer_sweep(sweep: dict[int, dict[str, float]], baseline: dict[str, float] | None = None):
+    """Held-out bits per byte against layers kept, one line per context; dashed: baseline."""
+    import matplotlib.pyplot as plt
+
+    counts = sorted(sweep)
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for i, c in enumerate(sorted(sweep[counts[0]])):
+        line, = ax.plot(counts, [sweep[n][c] for n in counts], marker="o", label=c,
+                        color=f"C{i}")
+        if baseline is not None:
+            ax.axhline(baseline[c], ls="--", lw=1, color=line.get_color())
+    ax.set_xlabel("decoder layers kept (the first n)")
+    ax.set_ylabel("held-out bits per byte")
+    ax.set_xticks(counts)
+    title = "Layers kept vs held-out quality"
+    ax.set_title(title + (" (dashed: order-2 byte model)" if baseline else ""))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig

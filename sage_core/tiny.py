@@ -178,9 +178,17 @@ def _optimizer(model, cfg: TrainConfig):
 
 def train_model(cfg: TrainConfig, corpus: Corpus, progress=True):
     """Train from scratch; returns (model, curve rows, wall seconds)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _train_model(cfg, corpus, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_model(cfg: TrainConfig, corpus: Corpus, progress: bool):
     from sage_core.moe import load_balancing_loss
 
-    torch.set_num_threads(cfg.threads)
     tokenizer = ByteTokenizer()
     streams = train_streams(corpus, tokenizer)
     model = build_model(cfg.seed).train()
