@@ -1,0 +1,89 @@
+"""`python -m benchmarks`: run every target on every config, print the table, write RESULTS.md."""
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from benchmarks.report import markdown_table, results_markdown, write_atomic
+from benchmarks.suite import MID, Workload, find_tiny_checkpoint, random_checkpoint, run_config
+
+THREADS = 2
+DEFAULT_OUT = Path(__file__).resolve().parent / "RESULTS.md"
+COMMAND = "make bench  (= python -m benchmarks)"
+
+
+def _load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} / {five:.2f} / {fifteen:.2f}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--configs", default="mid,tiny", help="comma-separated: mid, tiny")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results file")
+    parser.add_argument(
+        "--budget", type=float, default=Workload.budget_s, help="seconds of timed rounds per row"
+    )
+    parser.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.configs.split(",") if n.strip()]
+    unknown = set(names) - {"mid", "tiny"}
+    if unknown:
+        parser.error(f"unknown configs {sorted(unknown)}; choose from mid, tiny")
+
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    work = Workload(budget_s=args.budget)
+    load_before = _load()
+    started = time.perf_counter()
+    results, skipped = [], []
+    with tempfile.TemporaryDirectory(prefix="sage-bench-") as tmp:
+        for name in names:
+            if name == "mid":
+                print("[mid] writing random weights in the real layout (bf16, 2 shards)")
+                checkpoint = random_checkpoint(MID, Path(tmp) / "mid", seed=work.seed)
+            else:
+                checkpoint = find_tiny_checkpoint()
+                if checkpoint is None:
+                    note = "tiny: skipped, no models/*/config.json with weights yet"
+                    print(note)
+                    skipped.append(note)
+                    continue
+            results.append(run_config(name, checkpoint, work))
+    elapsed = time.perf_counter() - started
+
+    rows = [row for result in results for row in result.rows]
+    header = [
+        f"Command: `{COMMAND}`. Every figure is a ratio against a reference run measured in",
+        "the same process on the same weight tensors (peak RSS: fresh subprocesses, one per",
+        "setting). Timed rounds are interleaved; the ratio is the median of per-round",
+        "ratios, the spread their range. Absolute times are in the sections below.",
+        "",
+        f"- torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"python {platform.python_version()}, {THREADS} torch threads, "
+        f"{os.cpu_count()} CPUs, float32",
+        f"- load average (1/5/15 min): {load_before} before, {_load()} after; "
+        f"total {elapsed:.0f} s",
+        f"- workload: prefill {work.prefill_tokens} tokens; decode {work.decode_prompt}-token "
+        f"prompt + {work.decode_new} new tokens (greedy, whole generate() timed); "
+        f"per row, the reference's first call (the checks) is the warm-up, then "
+        f"{work.min_rounds}-{work.max_rounds} interleaved rounds (as fit {work.budget_s:.0f} s)",
+    ]
+    text = results_markdown(results, header, skipped)
+    print()
+    print(markdown_table(rows))
+    write_atomic(args.out, text)
+    print(f"\nwrote {args.out} ({elapsed:.0f} s, load {_load()})")
+    failed = [row for row in rows if not row.passed]
+    return 1 if args.strict and failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""The results table (markdown, printed and written to RESULTS.md, atomically)."""
+
+import os
+from pathlib import Path
+
+from benchmarks.suite import ConfigResult, Row
+
+COLUMNS = ("config", "measure", "sage_core vs", "target", "ratio", "spread (min-max)", "pass")
+
+
+def _cells(row: Row) -> tuple[str, ...]:
+    spread = "-" if row.low == row.high else f"{row.low:.2f}-{row.high:.2f}"
+    return (
+        row.config,
+        row.measure,
+        row.reference,
+        row.target_text,
+        f"{row.value:.2f}x",
+        spread,
+        "PASS" if row.passed else "FAIL",
+    )
+
+
+def markdown_table(rows: list[Row]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def results_markdown(results: list[ConfigResult], header: list[str], skipped: list[str]) -> str:
+    rows = [row for result in results for row in result.rows]
+    parts = ["# Benchmarks", "", *header, "", markdown_table(rows), ""]
+    for note in skipped:
+        parts += [f"- {note}"]
+    for result in results:
+        parts += ["", f"## {result.name}: `{result.source}`", "", "Checks:", ""]
+        parts += [f"- {check}" for check in result.checks]
+        parts += ["", "Measured (medians; the ratio above is the figure):", ""]
+        parts += [f"- {row.measure} vs {row.reference}: {row.detail}" for row in result.rows]
+        if result.notes:
+            parts += ["", "Notes:", ""]
+            parts += [f"- {note}" for note in result.notes]
+    return "\n".join(parts) + "\n"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,276 @@
+"""The benchmark targets, per config: correctness checks first, then timed ratios and RSS."""
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from benchmarks.references import TransformersThinker, experts_implementations, loop_logits
+from benchmarks.rss import measure_rss
+from benchmarks.timing import Ratio, paired_rounds, time_call
+from sage_core import generate, load_thinker
+from sage_core.checkpoint import foreign_tensors, save_thinker_checkpoint
+from sage_core.config import ThinkerTextConfig
+from sage_core.model import Qwen3OmniThinker
+from sage_core.paths import MODELS
+
+# float32 logits of sage_core and a reference must agree this closely (absolute, scaled
+# by the logits' own size) or the benchmark stops: a fast wrong model is not a result.
+LOGITS_TOL = 1e-4
+
+# "mid": the real routing fan-out (128 experts, top-8) at reduced width. mrope_section is
+# the real [24, 20, 20] scaled to head_dim 64.
+MID = ThinkerTextConfig(
+    vocab_size=4096,
+    hidden_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=64,
+    intermediate_size=0,
+    moe_intermediate_size=192,
+    num_experts=128,
+    num_experts_per_tok=8,
+    rope_theta=1_000_000.0,
+    mrope_section=(12, 10, 10),
+)
+# Init scale of the random weights: activations of order one, so routing, norms and the
+# logits comparison all mean something (0.02, transformers' init, gives near-zero logits).
+RANDOM_INIT_STD = 0.05
+
+
+@dataclass(frozen=True)
+class Workload:
+    prefill_tokens: int = 256
+    decode_prompt: int = 16
+    decode_new: int = 16
+    # Timed rounds per row: as many as fit budget_s (judged by the reference's first
+    # call, which is also the warm-up), within [min_rounds, max_rounds].
+    budget_s: float = 20.0
+    min_rounds: int = 3
+    max_rounds: int = 7
+    rss_prompt: int = 256
+    rss_decode: int = 4
+    resident_fraction: float = 0.25
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Row:
+    config: str
+    measure: str
+    reference: str
+    target: float
+    higher_is_better: bool
+    value: float
+    low: float
+    high: float
+    detail: str
+
+    @property
+    def passed(self) -> bool:
+        return self.value >= self.target if self.higher_is_better else self.value <= self.target
+
+    @property
+    def target_text(self) -> str:
+        return f"{'>=' if self.higher_is_better else '<='} {self.target:.2f}x"
+
+
+@dataclass
+class ConfigResult:
+    name: str
+    source: str
+    rows: list[Row] = field(default_factory=list)
+    checks: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+class BenchmarkMismatch(RuntimeError):
+    """sage_core and a reference disagree: the timings would compare different models."""
+
+
+def random_checkpoint(config: ThinkerTextConfig, out_dir, seed: int = 0) -> Path:
+    """Random weights of `config` written in the real layout: `thinker.` keys, per-expert
+    tensors, two bf16 shards with an index, plus foreign (talker, audio, ...) tensors."""
+    with torch.device("meta"):
+        model = Qwen3OmniThinker(config)
+    model.to_empty(device="cpu")
+    model.init_weights(std=RANDOM_INIT_STD, generator=torch.Generator().manual_seed(seed))
+    return save_thinker_checkpoint(
+        model.state_dict(),
+        config,
+        out_dir,
+        dtype=torch.bfloat16,
+        extra_tensors=foreign_tensors(seed),
+    )
+
+
+def find_tiny_checkpoint(models_dir: Path = MODELS) -> Path | None:
+    """The committed default model: the first models/*/ holding config.json and weights."""
+    for config in sorted(Path(models_dir).glob("*/config.json")):
+        directory = config.parent
+        if (directory / "model.safetensors").is_file() or (
+            directory / "model.safetensors.index.json"
+        ).is_file():
+            return directory
+    return None
+
+
+def _ratio_row(config, measure, reference, target, ratio: Ratio, tokens: int) -> Row:
+    ours, ref = ratio.ours.median, ratio.reference.median
+    detail = (
+        f"sage_core {tokens / ours:,.0f} tok/s ({ours * 1e3:.0f} ms), "
+        f"reference {tokens / ref:,.0f} tok/s ({ref * 1e3:.0f} ms)"
+    )
+    return Row(config, measure, reference, target, True, ratio.value, ratio.low, ratio.high, detail)
+
+
+def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.to(torch.float32) - b.to(torch.float32)).abs().max().item()
+
+
+def _check_logits(result: ConfigResult, what: str, ours: torch.Tensor, theirs: torch.Tensor):
+    diff = _max_abs_diff(ours, theirs)
+    scale = max(1.0, ours.abs().max().item())
+    result.checks.append(
+        f"logits max |diff| sage_core vs {what}: {diff:.2e} (max |logit| {ours.abs().max():.2f})"
+    )
+    if not diff <= LOGITS_TOL * scale:
+        raise BenchmarkMismatch(
+            f"{result.name}: logits of sage_core and {what} differ by {diff:.3e} "
+            f"(> {LOGITS_TOL * scale:.1e}); refusing to benchmark different models"
+        )
+
+
+@torch.no_grad()
+def run_config(name: str, checkpoint: Path, work: Workload, log=print) -> ConfigResult:
+    """Every target for one checkpoint, measured in this process (RSS in subprocesses)."""
+    result = ConfigResult(name, str(checkpoint))
+    model = load_thinker(checkpoint)
+    cfg = model.config
+    gen = torch.Generator().manual_seed(work.seed)
+    prefill_len = min(work.prefill_tokens, cfg.max_position_embeddings)
+    prefill_ids = torch.randint(0, cfg.vocab_size, (1, prefill_len), generator=gen)
+    prompt_ids = torch.randint(0, cfg.vocab_size, (1, work.decode_prompt), generator=gen)
+
+    def prefill():
+        return model(prefill_ids)
+
+    def decode():
+        return generate(model, prompt_ids, work.decode_new)
+
+    # Checks. Each contender's first call is also its warm-up, and its time sets how
+    # many timed rounds fit the budget.
+    log(f"[{name}] checks: logits vs transformers and the loop reference")
+    ours_logits = prefill()
+    references, first_call = {}, {}
+    for impl in experts_implementations():
+        try:
+            ref = TransformersThinker(model, impl)
+            first_call[("prefill", impl)] = time_call(lambda ref=ref: ref.logits(prefill_ids))
+            ref_logits = ref.logits(prefill_ids)
+        except Exception as e:  # e.g. CUDA-only kernels on this CPU machine
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            result.notes.append(f"transformers experts={impl!r} not usable here: {reason[:160]}")
+            continue
+        _check_logits(result, f"transformers (experts={impl})", ours_logits, ref_logits)
+        references[impl] = ref
+    if "eager" not in references:
+        raise RuntimeError(f"{name}: transformers' eager experts path did not run")
+    first_call[("prefill", "loop")] = time_call(lambda: loop_logits(model, prefill_ids))
+    _check_logits(result, "per-token loop", ours_logits, loop_logits(model, prefill_ids))
+
+    ours_tokens = decode()
+    for impl, ref in references.items():
+        started = time.perf_counter()
+        tokens = ref.generate(prompt_ids, work.decode_new)
+        first_call[("decode", impl)] = time.perf_counter() - started
+        same = torch.equal(tokens, ours_tokens)
+        result.checks.append(
+            f"greedy tokens sage_core vs transformers generate (experts={impl}): "
+            f"{'identical' if same else 'DIFFERENT'}"
+        )
+
+    def measure(kind, key, reference):
+        return paired_rounds(
+            prefill if kind == "prefill" else decode,
+            reference,
+            first_call[(kind, key)],
+            work.budget_s,
+            work.min_rounds,
+            work.max_rounds,
+        )
+
+    for impl, ref in references.items():
+        log(f"[{name}] prefill ({prefill_len} tokens) vs transformers experts={impl}")
+        ratio = measure("prefill", impl, lambda ref=ref: ref.logits(prefill_ids))
+        target = 1.2 if impl == "eager" else 1.0
+        result.rows.append(
+            _ratio_row(name, "prefill tok/s", f"transformers experts={impl}", target, ratio, prefill_len)
+        )
+    log(f"[{name}] prefill ({prefill_len} tokens) vs the per-token loop")
+    ratio = measure("prefill", "loop", lambda: loop_logits(model, prefill_ids))
+    result.rows.append(
+        _ratio_row(name, "prefill tok/s", "per-token per-expert loop", 10.0, ratio, prefill_len)
+    )
+    for impl, ref in references.items():
+        log(f"[{name}] decode ({work.decode_new} new tokens) vs transformers generate {impl}")
+        ratio = measure("decode", impl, lambda ref=ref: ref.generate(prompt_ids, work.decode_new))
+        result.rows.append(
+            _ratio_row(
+                name,
+                "decode tok/s",
+                f"transformers generate experts={impl}",
+                1.5,
+                ratio,
+                work.decode_new,
+            )
+        )
+
+    result.rows.append(_rss_row(result, cfg, checkpoint, work, log))
+    return result
+
+
+def _rss_row(result, cfg, checkpoint, work: Workload, log) -> Row:
+    total = sum(cfg.num_experts for i in range(cfg.num_hidden_layers) if cfg.is_sparse(i))
+    bound = max(1, round(work.resident_fraction * total))
+    log(f"[{result.name}] peak RSS: all {total} experts vs max_resident_experts={bound}")
+    runs = measure_rss(
+        checkpoint,
+        {"all": None, "bounded": bound},
+        work.rss_prompt,
+        work.rss_decode,
+        work.seed,
+    )
+    full, bounded = runs["all"], runs["bounded"]
+    stats = bounded["cache"]
+    lookups = stats["hits"] + stats["misses"]
+    hit_rate = stats["hits"] / lookups if lookups else float("nan")
+    mib = 1 << 20
+    result.checks.append(
+        "greedy tokens with all experts vs the bounded cache: "
+        + ("identical" if full["generated"] == bounded["generated"] else "DIFFERENT")
+    )
+    torch_base = statistics.median([full["peak_rss_import_torch"], bounded["peak_rss_import_torch"]])
+    detail = (
+        f"peak RSS {bounded['peak_rss'] / mib:.0f} MiB vs {full['peak_rss'] / mib:.0f} MiB; "
+        f"`import torch` alone {torch_base / mib:.0f} MiB; "
+        f"cache hit rate {hit_rate:.1%} ({stats['hits']} hits, {stats['misses']} misses, "
+        f"{stats['evictions']} evictions, {stats['bytes_read'] / mib:.0f} MiB read, "
+        f"peak resident {stats['peak_resident']}/{bound}); "
+        f"workload: {work.rss_prompt}-token prefill + {work.rss_decode} decode steps"
+    )
+    ratio = bounded["peak_rss"] / full["peak_rss"]
+    return Row(
+        result.name,
+        "peak RSS",
+        f"max_resident_experts={bound} ({work.resident_fraction:.0%}) vs all {total}",
+        0.40,
+        False,
+        ratio,
+        ratio,
+        ratio,
+        detail,
+    )

@@ -1,0 +1,135 @@
+"""Smoke test of the benchmark code paths (`make bench`) at toy size.
+
+Runs every target once on a toy random checkpoint, RSS subprocesses included, and checks
+the rows and the table. It asserts structure and correctness checks, never speed.
+"""
+
+import math
+import sys
+
+import pytest
+import torch
+
+from sage_core.paths import ROOT
+
+pytest.importorskip("transformers.models.qwen3_omni_moe")
+# benchmarks/ is a top-level package beside sage_core, not installed: `python -m pytest`
+# from the root finds it, the bare `pytest` script does not.
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.references import TransformersThinker, loop_logits  # noqa: E402
+from benchmarks.report import COLUMNS, markdown_table, results_markdown, write_atomic  # noqa: E402
+from benchmarks.suite import (  # noqa: E402
+    BenchmarkMismatch,
+    Workload,
+    find_tiny_checkpoint,
+    random_checkpoint,
+    run_config,
+)
+from benchmarks.timing import Samples, speedup  # noqa: E402
+from sage_core import load_thinker  # noqa: E402
+from sage_core.config import ThinkerTextConfig  # noqa: E402
+
+TOY = ThinkerTextConfig(
+    vocab_size=64,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    intermediate_size=0,
+    moe_intermediate_size=16,
+    num_experts=8,
+    num_experts_per_tok=2,
+    rope_theta=10_000.0,
+    mrope_section=(2, 1, 1),
+)
+TOY_WORK = Workload(
+    prefill_tokens=12,
+    decode_prompt=4,
+    decode_new=3,
+    budget_s=0.0,
+    min_rounds=1,
+    max_rounds=1,
+    rss_prompt=8,
+    rss_decode=2,
+)
+
+
+@pytest.fixture(scope="module")
+def toy_checkpoint(tmp_path_factory):
+    return random_checkpoint(TOY, tmp_path_factory.mktemp("toy"), seed=0)
+
+
+def test_run_config_rows_checks_and_table(toy_checkpoint, tmp_path):
+    result = run_config("toy", toy_checkpoint, TOY_WORK, log=lambda *a: None)
+    measures = [(row.measure, row.reference) for row in result.rows]
+    assert ("prefill tok/s", "transformers experts=eager") in measures
+    assert ("prefill tok/s", "per-token per-expert loop") in measures
+    assert ("decode tok/s", "transformers generate experts=eager") in measures
+    assert measures[-1][0] == "peak RSS"
+    # max_resident_experts is 25% of the 16 experts: 4.
+    assert "max_resident_experts=4 (25%) vs all 16" in measures[-1][1]
+    targets = {(row.measure, row.reference): row.target_text for row in result.rows}
+    assert targets[("prefill tok/s", "transformers experts=eager")] == ">= 1.20x"
+    assert targets[("prefill tok/s", "per-token per-expert loop")] == ">= 10.00x"
+    assert targets[measures[-1]] == "<= 0.40x"
+    for row in result.rows:
+        assert math.isfinite(row.value) and row.value > 0
+        assert row.low <= row.value <= row.high
+        assert row.passed == (
+            row.value >= row.target if row.higher_is_better else row.value <= row.target
+        )
+    assert "hit rate" in result.rows[-1].detail and "import torch" in result.rows[-1].detail
+    # The correctness checks ran and agreed (toy weights, float32).
+    assert any("per-token loop" in c for c in result.checks)
+    assert all("DIFFERENT" not in c for c in result.checks), result.checks
+
+    table = markdown_table(result.rows).splitlines()
+    assert table[0] == "| " + " | ".join(COLUMNS) + " |"
+    assert len(table) == 2 + len(result.rows)
+    assert all(line.count("|") == len(COLUMNS) + 1 for line in table)
+    out = tmp_path / "RESULTS.md"
+    write_atomic(out, results_markdown([result], ["header line"], ["tiny: skipped"]))
+    text = out.read_text()
+    assert text.startswith("# Benchmarks\n\nheader line\n") and "- tiny: skipped" in text
+    assert list(tmp_path.iterdir()) == [out]  # no temp file left behind
+
+
+def test_references_run_on_the_same_weights(toy_checkpoint):
+    model = load_thinker(toy_checkpoint)
+    ids = torch.randint(0, TOY.vocab_size, (1, 10), generator=torch.Generator().manual_seed(3))
+    ref = TransformersThinker(model, "eager")
+    assert ref.thinker.lm_head.weight is model.lm_head.weight
+    with torch.no_grad():
+        ours = model(ids)
+    assert ours.abs().max() > 0.1  # the comparison below means something
+    torch.testing.assert_close(ref.logits(ids), ours, atol=1e-5, rtol=0)
+    torch.testing.assert_close(loop_logits(model, ids), ours, atol=1e-5, rtol=0)
+    assert ref.generate(ids, 3).shape == (1, 13)
+
+
+def test_mismatched_reference_stops_the_benchmark(toy_checkpoint, monkeypatch):
+    import benchmarks.suite as suite
+
+    real = suite.loop_logits
+    monkeypatch.setattr(suite, "loop_logits", lambda model, ids: real(model, ids) + 1.0)
+    with pytest.raises(BenchmarkMismatch, match="per-token loop"):
+        run_config("toy", toy_checkpoint, TOY_WORK, log=lambda *a: None)
+
+
+def test_speedup_is_paired_reference_over_ours():
+    ratio = speedup(Samples((1.0, 2.0, 1.0)), Samples((3.0, 2.0, 5.0)))
+    assert (ratio.value, ratio.low, ratio.high) == (3.0, 1.0, 5.0)
+    with pytest.raises(ValueError):
+        speedup(Samples((1.0,)), Samples((1.0, 2.0)))
+
+
+def test_find_tiny_checkpoint_needs_config_and_weights(tmp_path):
+    assert find_tiny_checkpoint(tmp_path) is None
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "config.json").write_text("{}")
+    assert find_tiny_checkpoint(tmp_path) is None  # no weights yet: still being trained
+    (tmp_path / "b" / "model.safetensors").write_bytes(b"")
+    assert find_tiny_checkpoint(tmp_path) == tmp_path / "b"
