@@ -323,7 +323,8 @@ def _curve_rows(seed, arm, step, rows, protocol) -> list[dict]:
 
 
 def run_learning_curve(model, tokenizer, protocol: TrustProtocol, corpus=None,
-                       show_progress: bool = True) -> dict[str, list[dict]]:
+                       show_progress: bool = True, desc: str = "learning curve"
+                       ) -> dict[str, list[dict]]:
     """Trust learned on a training stream, evaluated on fixed held-out windows every
     `eval_every` updates, against the router alone on the same windows, for each seed.
 
@@ -337,7 +338,7 @@ def run_learning_curve(model, tokenizer, protocol: TrustProtocol, corpus=None,
     per_stream_context = max(1, math.ceil(protocol.num_updates / len(CONTEXTS)))
     curve, updates, classifier_rows, sample_rows = [], [], [], []
     work = len(protocol.seeds) * (protocol.num_updates + len(steps))
-    bar = progress(total=work, desc="learning curve", disable=not show_progress)
+    bar = progress(total=work, desc=desc, disable=not show_progress)
     try:
         for seed in protocol.seeds:
             torch.manual_seed(seed)
@@ -507,3 +508,148 @@ def _jsonable(obj):
     if isinstance(obj, np.generic):
         return obj.item()
     raise TypeError(f"cannot write {type(obj).__name__} to JSON")
+
+
+# --- summaries and figures ----------------------------------------------------------------
+
+
+def final_effects(model, tokenizer, protocol: TrustProtocol, variants: dict[str, dict],
+                  seed: int = 0, corpus=None, show_progress: bool = True) -> list[dict]:
+    """For each named variant (protocol fields to replace), run the protocol evaluated only
+    before and after all updates; one row per variant: the overall paired effect at the
+    end with its bootstrap CI (as in `effect_summary`)."""
+    from dataclasses import replace
+
+    rows = []
+    for name, change in variants.items():
+        variant = replace(protocol, **{"eval_every": protocol.num_updates or 1, **change})
+        curve = run_learning_curve(model, tokenizer, variant, corpus, show_progress,
+                                   desc=name)["curve"]
+        final = [r for r in effect_summary(curve, seed)
+                 if r["step"] == variant.num_updates and r["context"] == ALL]
+        rows.append({"variant": name, **change, **final[0]})
+    return rows
+
+
+def effect_summary(curve: list[dict], seed: int = 0) -> list[dict]:
+    """Per (step, context): the paired relative perplexity change trust vs baseline over
+    seeds, its seeded bootstrap 95% CI, and each arm's mean perplexity."""
+    out = []
+    steps = sorted({r["step"] for r in curve})
+    contexts = [c for c in (*CONTEXTS, ALL) if any(r["context"] == c for r in curve)]
+    for context in contexts:
+        for step in steps:
+            effects = paired_effect(curve, step, context)
+            ci = bootstrap_ci([e["relative_ppl_change"] for e in effects], seed=seed)
+            arms = {arm: float(np.mean([r["perplexity"] for r in curve if r["step"] == step
+                                        and r["context"] == context and r["arm"] == arm]))
+                    for arm in ("baseline", "trust")}
+            out.append({"step": step, "context": context, "seeds": ci["n"],
+                        "baseline_ppl": arms["baseline"], "trust_ppl": arms["trust"],
+                        "relative_change": ci["mean"], "ci_low": ci["low"],
+                        "ci_high": ci["high"]})
+    return out
+
+
+def plot_learning_curve(curve: list[dict], seed: int = 0):
+    """Top: held-out perplexity per context and overall, trust and baseline, mean over
+    seeds with bootstrap 95% CI bands. Bottom: the paired relative change with its CI."""
+    import matplotlib.pyplot as plt
+
+    summary = effect_summary(curve, seed)
+    contexts = list(dict.fromkeys(r["context"] for r in summary))
+    fig, axes = plt.subplots(2, len(contexts), figsize=(3.2 * len(contexts), 5.6),
+                             sharex=True, squeeze=False)
+    for j, context in enumerate(contexts):
+        rows = [r for r in summary if r["context"] == context]
+        steps = [r["step"] for r in rows]
+        top, bottom = axes[0, j], axes[1, j]
+        for arm, color in (("baseline", "0.35"), ("trust", "C0")):
+            per_step = [[r["perplexity"] for r in curve if r["step"] == s and
+                         r["context"] == context and r["arm"] == arm] for s in steps]
+            cis = [bootstrap_ci(v, seed=seed) for v in per_step]
+            top.plot(steps, [c["mean"] for c in cis], color=color, marker="o", ms=3,
+                     label="router alone" if arm == "baseline" else "trust")
+            top.fill_between(steps, [c["low"] for c in cis], [c["high"] for c in cis],
+                             color=color, alpha=0.2, lw=0)
+        top.set_title(context)
+        bottom.axhline(0, color="0.5", lw=0.8)
+        bottom.plot(steps, [100 * r["relative_change"] for r in rows], color="C3", marker="o",
+                    ms=3)
+        bottom.fill_between(steps, [100 * r["ci_low"] for r in rows],
+                            [100 * r["ci_high"] for r in rows], color="C3", alpha=0.2, lw=0)
+        bottom.set_xlabel("trust updates")
+    axes[0, 0].set_ylabel("held-out perplexity")
+    axes[1, 0].set_ylabel("trust vs router (% perplexity)")
+    axes[0, 0].legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_generations(baseline: list[dict], trust: list[dict]):
+    """Per-generation held-out perplexity of the two arms on the same prompts."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    x = [r["generation"] for r in baseline]
+    ax.plot(x, [r["perplexity"] for r in baseline], color="0.35", marker="o",
+            label="router alone")
+    ax.plot(x, [r["perplexity"] for r in trust], color="C0", marker="s", ls="--",
+            label="trust-augmented")
+    for r in baseline:
+        ax.annotate(r["context"][:4], (r["generation"], r["perplexity"]), fontsize=7,
+                    textcoords="offset points", xytext=(0, 6), ha="center")
+    ax.set_xticks(x)
+    ax.set_xlabel("generation")
+    ax.set_ylabel("held-out perplexity\n(teacher-forced)")
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def plot_trust_heatmaps(snapshots: list[TrustTable], records: list[dict]):
+    """One heatmap per context: trust (deviation from neutral, nats) of every (layer,
+    expert) after each generation. Rows: generations; columns: experts, grouped by layer."""
+    import matplotlib.pyplot as plt
+
+    table = snapshots[-1]
+    deviations = torch.stack([s.trust - s.prior for s in snapshots])  # (G, L, C, E)
+    limit = max(float(deviations.abs().max()), 1e-6)
+    fig, axes = plt.subplots(len(table.contexts), 1,
+                             figsize=(8, 1.3 + 1.2 * len(table.contexts)), squeeze=False)
+    for c, context in enumerate(table.contexts):
+        ax = axes[c, 0]
+        grid = deviations[:, :, c, :].reshape(len(snapshots), -1).numpy()
+        image = ax.imshow(grid, aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit,
+                          interpolation="nearest")
+        for boundary in range(1, len(table.layers)):
+            ax.axvline(boundary * table.num_experts - 0.5, color="k", lw=0.6)
+        used = [r["generation"] for r in records if r["assigned"] == context]
+        ax.set_ylabel(f"{context}\n(updated at {used})" if used else f"{context}\n(never)",
+                      fontsize=8)
+        ax.set_yticks(range(len(snapshots)), [str(i + 1) for i in range(len(snapshots))],
+                      fontsize=6)
+        ax.set_xticks([(i + 0.5) * table.num_experts for i in range(len(table.layers))],
+                      [f"layer {layer}" for layer in table.layers])
+        fig.colorbar(image, ax=ax, fraction=0.02, pad=0.01)
+    axes[0, 0].set_title("trust - prior (nats) after each generation; columns: experts by layer")
+    fig.tight_layout()
+    return fig
+
+
+def plot_slots_changed(records: list[dict]):
+    """Fraction of (token, slot) pairs per layer whose expert differs from the router's."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3))
+    layers = sorted({int(layer) for r in records for layer in r["slots_changed"]})
+    x = [r["generation"] for r in records]
+    for layer in layers:
+        ax.plot(x, [100 * r["slots_changed"][layer] for r in records], marker="o", ms=3,
+                label=f"layer {layer}")
+    ax.set_xticks(x)
+    ax.set_xlabel("generation (trust before its update)")
+    ax.set_ylabel("expert slots changed\nvs router top-k (%)")
+    ax.legend(frameon=False, fontsize=8, ncol=len(layers))
+    fig.tight_layout()
+    return fig

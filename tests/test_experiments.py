@@ -15,6 +15,7 @@ from sage_core.experiments import (
     TrustProtocol,
     bootstrap_ci,
     evaluate,
+    final_effects,
     make_samples,
     moe_input_states,
     paired_effect,
@@ -190,3 +191,14 @@ def test_generations_baseline_and_trust(model, corpus):
     assert len(trust["trust"]) == 3 and not trust["trust"][-1].is_neutral()
     rows = evaluate(model, samples)
     assert perplexity_by_context(rows)["all"]["tokens"] == 18
+
+
+def test_final_effects_one_row_per_variant(model, corpus):
+    protocol = TrustProtocol(num_updates=2, eval_every=1, seeds=(0,), heldout_per_context=1,
+                             prompt_tokens=8, continuation_tokens=8, context_source="label")
+    rows = final_effects(model, ByteTokenizer(), protocol,
+                         {"no trust": {"beta": 0.0}, "strong": {"beta": 50.0}}, corpus=corpus,
+                         show_progress=False)
+    assert [r["variant"] for r in rows] == ["no trust", "strong"]
+    assert rows[0]["relative_change"] == 0.0  # beta 0 is the router exactly
+    assert rows[1]["relative_change"] != 0.0 and rows[1]["step"] == 2
