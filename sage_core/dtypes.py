@@ -443,11 +443,20 @@ DELIBERATE_SITES = {
     "sage_core.attention.RMSNorm.forward": ("norm statistics", FLOAT32_ONLY),
     "sage_core.rope.MultimodalRotaryEmbedding.forward": ("RoPE tables", FLOAT32_ONLY),
     "sage_core.rope.rope_inv_freq": ("RoPE tables", FLOAT32_ONLY),
-    "sage_core.moe.RouterTopK.__call__": ("router probabilities", FLOAT32_ONLY),
     "sage_core.moe.load_balancing_loss": ("router probabilities", FLOAT32_ONLY),
     "sage_core.generation._next_token": ("sampling softmax", FLOAT32_ONLY),
     "sage_core.generation.perplexity": ("loss: log-softmax over the vocabulary", FLOAT32_ONLY),
     "sage_core.dtypes.to_numpy_float32": ("scikit-learn boundary: float32 numpy", FLOAT32_ONLY),
+    "sage_core.experiments.score_continuation": ("loss: log-softmax over the vocabulary",
+                                                 FLOAT32_ONLY),
+    # Trust is learning state (per layer, context, expert), float32 by design like the
+    # classifier's centres; it meets activations only as selection weights, which the
+    # selector casts to the hidden states' dtype.
+    "sage_core.trust.TrustSelector.__call__": ("router probabilities and trust", FLOAT32_ONLY),
+    "sage_core.trust.TrustTable.__init__": ("trust state", FLOAT32_ONLY),
+    "sage_core.trust.TrustTable.load": ("trust state read from its file", FLOAT32_ONLY),
+    "sage_core.trust.TrustTable.credit": ("trust state", FLOAT32_ONLY),
+    "sage_core.trust.dense_routing": ("routing weights as trust state", FLOAT32_ONLY),
     "sage_core.checkpoint.SafetensorsReader.read": (
         "checkpoint bytes in the file's dtype, converted at once by the loader",
         ANY_FLOAT,
