@@ -493,7 +493,7 @@ def run_cell(cell: Cell, checkpoints: dict | None, workdir=None, device="cpu", s
     checkpoint_dir = None
     if checkpoints is not None:
         # The unsupported column must be refused before any weight is read: any file will do.
-        name = "float32" if cell.checkpoint == ANY_CHECKPOINT else cell.checkpoint
+        name = next(iter(checkpoints)) if cell.checkpoint == ANY_CHECKPOINT else cell.checkpoint
         checkpoint_dir = Path(checkpoints[name])
     with contextlib.ExitStack() as stack:
         stack.enter_context(_one_thread())
@@ -608,7 +608,7 @@ def plot_matrix(results: list[Result], float16=None):
     for a in activations:
         first = next(i for i, (act, _) in enumerate(columns) if act == a)
         span = sum(1 for act, _ in columns if act == a)
-        ax.text(first + span / 2, -0.3, f"activations {a}", ha="center", va="bottom", fontsize=8,
+        ax.text(first + span / 2, -0.3, a, ha="center", va="bottom", fontsize=8,
                 weight="bold")  # fmt: skip
         if first:
             ax.axvline(first, color="black", lw=0.8)
@@ -620,6 +620,20 @@ def plot_matrix(results: list[Result], float16=None):
     handles = [Patch(color=OUTCOME_COLOURS[o], label=f"{o} ({counts[o]})") for o in OUTCOMES]
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.32), ncol=6,
               fontsize=8, frameon=False)  # fmt: skip
-    ax.set_title(f"dtype audit: {len(results)} cells under strict()", pad=22, fontsize=10)
+    ax.set_title(f"dtype audit: {len(results)} cells under strict() (columns: activation dtype, "
+                 "then checkpoint weights)", pad=22, fontsize=10)  # fmt: skip
     fig.tight_layout()
     return fig
+
+
+MODEL_ENTRIES = ("forward", "hidden_states", "generate", "perplexity", "experts on demand")
+
+
+def check_checkpoint(path, activation="float32", device="cpu", seed=0) -> list[Result]:
+    """The model entry points on one checkpoint (a real one: `model_path`) under strict()."""
+    activation = str(activation).removeprefix("torch.")
+    with tempfile.TemporaryDirectory() as work:
+        return [
+            run_cell(Cell(entry, activation, "given"), {"given": path}, work, device, seed)
+            for entry in MODEL_ENTRIES
+        ]
