@@ -36,6 +36,23 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
+def rss_parts_bytes() -> dict:
+    """Current anonymous and file-backed resident memory (Linux; empty elsewhere).
+
+    File-backed pages are the memory-mapped safetensors shards the reader touched: they
+    count in RSS (and in the peak) though the kernel may drop them under pressure."""
+    parts = {}
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(("RssAnon:", "RssFile:")):
+                    name, value = line.split()[:2]
+                    parts[name.rstrip(":")] = int(value) * 1024
+    except OSError:
+        pass
+    return parts
+
+
 def run_workload(checkpoint: str, max_resident: int | None, prompt: int, decode: int, seed: int):
     at_start = peak_rss_bytes()
     import torch
@@ -56,6 +73,7 @@ def run_workload(checkpoint: str, max_resident: int | None, prompt: int, decode:
         "peak_rss_import_torch": after_import_torch,
         "peak_rss_after_load": after_load,
         "peak_rss": peak_rss_bytes(),
+        "rss_at_end": rss_parts_bytes(),
         "generated": tokens[0, prompt:].tolist(),
         "cache": None if cache is None else cache.stats(),
     }

@@ -262,6 +262,16 @@ def _rss_row(result, cfg, checkpoint, work: Workload, log) -> Row:
         f"peak resident {stats['peak_resident']}/{bound}); "
         f"workload: {work.rss_prompt}-token prefill + {work.rss_decode} decode steps"
     )
+    ends = []
+    for label, run in (("bounded", bounded), ("all", full)):
+        parts = run["rss_at_end"]
+        if parts:
+            ends.append(
+                f"{label} {parts['RssAnon'] / mib:.0f} MiB anonymous + "
+                f"{parts['RssFile'] / mib:.0f} MiB file-backed"
+            )
+    if ends:
+        detail += "; RSS at the end: " + ", ".join(ends)
     ratio = bounded["peak_rss"] / full["peak_rss"]
     return Row(
         result.name,
