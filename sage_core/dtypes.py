@@ -417,9 +417,10 @@ def plot_dtype_flow(traces, kinds=("op",), title=None):
 #
 # 1. Every floating tensor an op makes is in the activation dtype.
 # 2. float32 is allowed besides, where it is deliberate: at the call sites listed in
-#    DELIBERATE_SITES (norm statistics, RoPE tables, router probabilities, sampling and
-#    loss softmax, the float32 numpy handed to scikit-learn), and as the explicit
-#    `dtype=torch.float32` of a softmax-family op (FLOAT32_SOFTMAX_OPS) anywhere.
+#    DELIBERATE_SITES (norm statistics, RoPE tables, sampling and loss softmax, the
+#    float32 numpy handed to scikit-learn, float32 trust state), and as the explicit
+#    `dtype=torch.float32` of a softmax-family op (FLOAT32_SOFTMAX_OPS) anywhere: that
+#    is how the router's probabilities are recognised, in RouterTopK and in any selector.
 # 3. float64 is never allowed unless it is the activation dtype. (The one exception is
 #    reading a checkpoint: its bytes arrive in the file's dtype, whatever that is, and the
 #    loader converts them at once; see DELIBERATE_SITES.)
@@ -578,6 +579,11 @@ class strict:  # noqa: N801 (a context manager used like a function: `with stric
     Works through one `TorchFunctionMode`, pushed on enter and popped on exit; nothing is
     installed globally and no module is wrapped or hooked, so outside the context the
     cost is zero. The policy itself is the comment block above DELIBERATE_SITES.
+
+    Two things torch and library code do to a raised error: torch turns a TypeError inside
+    a binary operator (`a * b`) into Python's "unsupported operand" TypeError, which
+    `__exit__` replaces with the DtypePolicyError; and a caller may wrap it (e.g. in a
+    CheckpointError), where it stays the `__cause__` and its message names the op.
     """
 
     def __init__(self, activation_dtype=None, model: nn.Module | None = None):
