@@ -27,7 +27,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -80,6 +79,100 @@ def detect_layout(keys, source: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+# Safetensors dtype names -> torch dtypes (the format's full list we can represent).
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class Shard:
+    """One safetensors file, read with positioned reads into memory we own.
+
+    Not a memory map: every page of a mapped file that a read touches counts towards the
+    process's RSS for as long as the file stays mapped, which defeats a bounded expert
+    cache, and a view of a mapped file crashes (SIGBUS) if the file is truncated later.
+    The header is checked against the file size on open, so a truncated file fails here.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.file = open(self.path, "rb")  # closed by close()
+        try:
+            size = os.fstat(self.file.fileno()).st_size
+            if size < 8:
+                raise ValueError(f"{size} bytes, shorter than the 8-byte header length")
+            header_len = int.from_bytes(self._pread(8, 0), "little")
+            if 8 + header_len > size:
+                raise ValueError(f"header of {header_len} bytes runs past the end ({size} bytes)")
+            header = json.loads(self._pread(header_len, 8))
+            header.pop("__metadata__", None)
+            self.data_start = 8 + header_len
+            self.tensors = {k: self._entry(k, v, size) for k, v in header.items()}
+        except BaseException:
+            self.file.close()
+            raise
+
+    def _entry(self, key, info, size) -> tuple[tuple[int, ...], str, int, int]:
+        dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        if dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {key!r} has unknown dtype {dtype!r}")
+        numel = 1
+        for n in shape:
+            numel *= n
+        if end - begin != numel * SAFETENSORS_DTYPES[dtype].itemsize:
+            raise ValueError(f"tensor {key!r}: offsets {begin}..{end} disagree with shape {shape}")
+        if self.data_start + end > size:
+            raise ValueError(
+                f"tensor {key!r} ends at byte {self.data_start + end} but the file has {size}"
+            )
+        return shape, dtype, self.data_start + begin, self.data_start + end
+
+    def _pread(self, n: int, offset: int, into: bytearray | None = None):
+        buf = bytearray(n) if into is None else into
+        self.file.seek(offset)
+        if self.file.readinto(buf) != n:
+            raise OSError(f"file ends before byte {offset + n} (truncated?)")
+        return buf
+
+    def keys(self):
+        return self.tensors.keys()
+
+    def header(self, key: str) -> tuple[tuple[int, ...], str]:
+        shape, dtype, _, _ = self.tensors[key]
+        return shape, dtype
+
+    def read(self, key: str, index: int | None = None) -> torch.Tensor:
+        """The tensor `key`, or its row `index` alone, in the file's dtype, in fresh memory."""
+        shape, dtype, begin, end = self.tensors[key]
+        if index is not None:
+            if not shape or not 0 <= index < shape[0]:
+                raise IndexError(f"row {index} out of range for shape {list(shape)}")
+            row = (end - begin) // shape[0]
+            begin, end, shape = begin + index * row, begin + (index + 1) * row, shape[1:]
+        torch_dtype = SAFETENSORS_DTYPES[dtype]
+        if end == begin:
+            return torch.empty(shape, dtype=torch_dtype)
+        return torch.frombuffer(self._pread(end - begin, begin), dtype=torch_dtype).reshape(shape)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def open_shard(path: Path) -> Shard:
+    return Shard(path)
+
+
 class SafetensorsReader:
     """Reads single tensors from a checkpoint directory's safetensors file(s).
 
@@ -90,7 +183,7 @@ class SafetensorsReader:
 
     def __init__(self, directory: Path):
         self.directory = Path(directory)
-        self._handles: dict[str, object] = {}
+        self._handles: dict[str, Shard] = {}
         index = self.directory / INDEX_FILE
         single = self.directory / SINGLE_FILE
         if index.is_file():
@@ -110,7 +203,7 @@ class SafetensorsReader:
     def path_of(self, key: str) -> Path:
         return self.directory / self.weight_map[key]
 
-    def _handle(self, filename: str, key: str | None):
+    def _handle(self, filename: str, key: str | None) -> Shard:
         handle = self._handles.get(filename)
         if handle is not None:
             return handle
@@ -119,47 +212,42 @@ class SafetensorsReader:
         if not path.is_file():
             raise CheckpointError(f"{path}: shard listed in {self.source.name} is missing{wanted}")
         try:
-            handle = safe_open(str(path), framework="pt", device="cpu")
-        except Exception as e:  # SafetensorError, OSError: a truncated or corrupt file
+            handle = open_shard(path)
+        except (OSError, ValueError, KeyError, TypeError) as e:  # truncated or corrupt
             raise CheckpointError(
                 f"{path}: cannot open safetensors file (truncated or corrupt?){wanted}: {e}"
             ) from e
         self._handles[filename] = handle
         return handle
 
-    def _slice(self, key: str):
+    def _shard_with(self, key: str) -> Shard:
         if key not in self.weight_map:
             raise CheckpointError(f"{self.source}: missing key {key!r}")
         handle = self._handle(self.weight_map[key], key)
-        try:
-            return handle.get_slice(key)
-        except Exception as e:
+        if key not in handle.tensors:
             raise CheckpointError(
                 f"{self.path_of(key)}: key {key!r} (listed in {self.source.name}) "
-                f"is not in this file: {e}"
-            ) from e
+                "is not in this file"
+            )
+        return handle
 
     def header(self, key: str) -> tuple[tuple[int, ...], str]:
         """(shape, safetensors dtype name) of `key`, from the file header only."""
-        sl = self._slice(key)
-        return tuple(sl.get_shape()), sl.get_dtype()
+        return self._shard_with(key).header(key)
 
     def read(self, key: str, index: int | None = None) -> torch.Tensor:
-        """The tensor `key` (or its row `index`, read alone), in the file's dtype, on CPU.
-
-        It may be a zero-copy view of the file's memory map: copy it (`_owned`) to keep it.
-        """
-        sl = self._slice(key)
+        """The tensor `key` (or its row `index`, read alone), in the file's dtype, on CPU."""
+        shard = self._shard_with(key)
         try:
-            if index is None:
-                return self._handle(self.weight_map[key], key).get_tensor(key)
-            return sl[index]
-        except Exception as e:
+            return shard.read(key, index)
+        except (OSError, IndexError) as e:
             what = f"tensor {key!r}" if index is None else f"tensor {key!r}[{index}]"
             raise CheckpointError(f"{self.path_of(key)}: cannot read {what}: {e}") from e
 
     def close(self) -> None:
-        """Drop every open handle (files reopen lazily on the next read)."""
+        """Close every open file (files reopen lazily on the next read)."""
+        for handle in self._handles.values():
+            handle.close()
         self._handles.clear()
 
 
@@ -179,12 +267,8 @@ def _read_index(index: Path) -> dict[str, str]:
 
 
 def _owned(tensor: torch.Tensor, device, dtype) -> torch.Tensor:
-    """`tensor` converted to dtype on device, always a copy.
-
-    safetensors hands out zero-copy views of its memory map; a model holding those would
-    crash (SIGBUS) if the file were later truncated or overwritten in place.
-    """
-    return tensor.to(device=device, dtype=dtype, copy=True)
+    """`tensor` (fresh memory from the reader) converted to dtype on device; no extra copy."""
+    return tensor.to(device=device, dtype=dtype)
 
 
 def _check_header(reader: SafetensorsReader, key: str, expected: tuple[int, ...]) -> None:

@@ -158,13 +158,13 @@ def test_on_demand_reads_no_expert_at_load_and_only_used_ones_later(ckpt, monkey
 def test_on_demand_opens_each_shard_once(ckpt, monkeypatch):
     model = load_thinker(ckpt, max_resident_experts=2)
     opened = []
-    real_open = checkpoint.safe_open
+    real_open = checkpoint.open_shard
 
-    def counting_open(path, **kwargs):
+    def counting_open(path):
         opened.append(path)
-        return real_open(path, **kwargs)
+        return real_open(path)
 
-    monkeypatch.setattr(checkpoint, "safe_open", counting_open)
+    monkeypatch.setattr(checkpoint, "open_shard", counting_open)
     model(ids())
     model(ids(1))
     assert model.expert_cache.stats()["misses"] > 2
