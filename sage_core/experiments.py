@@ -445,7 +445,8 @@ def run_generations(model, tokenizer, samples, selector=None, learner=None,
     {"records": one row per generation, "trust": a TrustTable snapshot after each one
     (trust runs only)}. Rows hold the true and the used context, the held-out perplexity,
     the generated text and, for trust runs, the fraction of (token, slot) pairs per layer
-    whose expert differs from the router's own top-k during scoring.
+    whose expert differs from the router's own top-k during scoring; with a learner, the
+    experts each layer used while scoring ({layer: [experts]}) and the update's summary.
     """
     records, snapshots = [], []
     try:
@@ -470,6 +471,8 @@ def run_generations(model, tokenizer, samples, selector=None, learner=None,
                 row["slots_changed"] = selector.slots_changed_by_layer()
                 selector.log.clear()
             if learner is not None:
+                row["experts_used"] = {layer: r.sum(0).nonzero().flatten().tolist()
+                                       for layer, r in routing.items()}
                 row.update({f"update_{k}": v for k, v in
                             learner.update(context, nll, routing).items() if k != "context"})
                 snapshots.append(learner.table.clone())
@@ -477,6 +480,39 @@ def run_generations(model, tokenizer, samples, selector=None, learner=None,
     finally:
         model.set_selector(None)
     return {"records": records, "trust": snapshots}
+
+
+def first_last_effect(records: list[dict], n: int = 3) -> dict:
+    """The report's "learning effect": mean perplexity of the first n vs the last n
+    generations of one run, as a % improvement. It compares different prompts."""
+    if len(records) < 2 * n:
+        raise ValueError(f"need at least {2 * n} generations for first/last {n}, got {len(records)}")
+    first = sum(r["perplexity"] for r in records[:n]) / n
+    last = sum(r["perplexity"] for r in records[-n:]) / n
+    return {"first": first, "last": last, "effect_percent": 100 * (first - last) / first}
+
+
+def trust_changes(snapshots: list[TrustTable]) -> list[dict]:
+    """Per snapshot (after each generation): which contexts, layers and experts ({layer:
+    [experts]}) changed since the previous one (the first is compared with a neutral
+    table), and how many (layer, context, expert) cells."""
+    out = []
+    previous = None
+    for snapshot in snapshots:
+        before = previous.trust if previous is not None else torch.full_like(
+            snapshot.trust, snapshot.prior)
+        moved = snapshot.trust != before  # (L, C, E)
+        out.append({
+            "contexts": [snapshot.contexts[c] for c in
+                         moved.any(-1).any(0).nonzero().flatten().tolist()],
+            "layers": [snapshot.layers[i] for i in
+                       moved.any(-1).any(1).nonzero().flatten().tolist()],
+            "cells": int(moved.sum()),
+            "experts": {layer: moved[i].any(0).nonzero().flatten().tolist()
+                        for i, layer in enumerate(snapshot.layers) if moved[i].any()},
+        })
+        previous = snapshot
+    return out
 
 
 # --- results ------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from sage_core.experiments import (
     bootstrap_ci,
     evaluate,
     final_effects,
+    first_last_effect,
     make_samples,
     moe_input_states,
     paired_effect,
@@ -24,6 +25,7 @@ from sage_core.experiments import (
     run_learning_curve,
     save_records,
     score_continuation,
+    trust_changes,
 )
 from sage_core.model import Qwen3OmniThinker
 from sage_core.tokenizer import ByteTokenizer
@@ -189,6 +191,11 @@ def test_generations_baseline_and_trust(model, corpus):
     assert first["perplexity"] == base["records"][0]["perplexity"]  # neutral trust
     assert set(first["slots_changed"].values()) == {0.0}
     assert len(trust["trust"]) == 3 and not trust["trust"][-1].is_neutral()
+    for record, change in zip(trust["records"], trust_changes(trust["trust"]), strict=True):
+        assert change["contexts"] == [record["assigned"]]
+        for layer, experts in change["experts"].items():
+            assert set(experts) <= set(record["experts_used"][layer])
+    assert first_last_effect(base["records"], n=1)["first"] == base["records"][0]["perplexity"]
     rows = evaluate(model, samples)
     assert perplexity_by_context(rows)["all"]["tokens"] == 18
 
