@@ -138,10 +138,10 @@ class Shard:
             )
         return shape, dtype, self.data_start + begin, self.data_start + end
 
-    def _pread(self, n: int, offset: int, into: bytearray | None = None):
+    def _pread(self, n: int, offset: int, into=None):
         buf = bytearray(n) if into is None else into
         self.file.seek(offset)
-        if self.file.readinto(buf) != n:
+        if self.file.readinto(buf) != n:  # `into` is a writable buffer of exactly n bytes
             raise OSError(f"file ends before byte {offset + n} (truncated?)")
         return buf
 
@@ -152,18 +152,36 @@ class Shard:
         shape, dtype, _, _ = self.tensors[key]
         return shape, dtype
 
-    def read(self, key: str, index: int | None = None) -> torch.Tensor:
-        """The tensor `key`, or its row `index` alone, in the file's dtype, in fresh memory."""
+    def _span(self, key: str, index: int | None):
         shape, dtype, begin, end = self.tensors[key]
         if index is not None:
             if not shape or not 0 <= index < shape[0]:
                 raise IndexError(f"row {index} out of range for shape {list(shape)}")
             row = (end - begin) // shape[0]
             begin, end, shape = begin + index * row, begin + (index + 1) * row, shape[1:]
-        torch_dtype = SAFETENSORS_DTYPES[dtype]
+        return shape, SAFETENSORS_DTYPES[dtype], begin, end
+
+    def read(self, key: str, index: int | None = None) -> torch.Tensor:
+        """The tensor `key`, or its row `index` alone, in the file's dtype, in fresh memory."""
+        shape, dtype, begin, end = self._span(key, index)
         if end == begin:
-            return torch.empty(shape, dtype=torch_dtype)
-        return torch.frombuffer(self._pread(end - begin, begin), dtype=torch_dtype).reshape(shape)
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(self._pread(end - begin, begin), dtype=dtype).reshape(shape)
+
+    def read_into(self, key: str, out: torch.Tensor, index: int | None = None) -> int:
+        """Copy `key` (or its row `index`) into `out`, converting; -> bytes read.
+
+        When `out` is a contiguous CPU tensor of the file's dtype the bytes land in it
+        directly, with no temporary: a bounded expert cache then holds only its experts.
+        """
+        shape, dtype, begin, end = self._span(key, index)
+        if tuple(out.shape) != tuple(shape):
+            raise ValueError(f"shape {list(shape)} does not fit a destination of {list(out.shape)}")
+        if out.device.type == "cpu" and out.dtype == dtype and out.is_contiguous() and end > begin:
+            self._pread(end - begin, begin, into=memoryview(out.view(torch.uint8).numpy()))
+        else:
+            out.copy_(self.read(key, index))
+        return end - begin
 
     def close(self) -> None:
         self.file.close()
@@ -240,6 +258,15 @@ class SafetensorsReader:
         shard = self._shard_with(key)
         try:
             return shard.read(key, index)
+        except (OSError, IndexError) as e:
+            what = f"tensor {key!r}" if index is None else f"tensor {key!r}[{index}]"
+            raise CheckpointError(f"{self.path_of(key)}: cannot read {what}: {e}") from e
+
+    def read_into(self, key: str, out: torch.Tensor, index: int | None = None) -> int:
+        """Copy `key` (or its row `index`) into `out`, converted; -> bytes read from the file."""
+        shard = self._shard_with(key)
+        try:
+            return shard.read_into(key, out, index)
         except (OSError, IndexError) as e:
             what = f"tensor {key!r}" if index is None else f"tensor {key!r}[{index}]"
             raise CheckpointError(f"{self.path_of(key)}: cannot read {what}: {e}") from e
@@ -332,26 +359,30 @@ class ExpertSource:
             )
         return tensor
 
+    def _read_into(self, key: str, out: torch.Tensor, index: int | None = None) -> int:
+        shape, _ = self.reader.header(key)
+        if index is not None:
+            shape = shape[1:]
+        if tuple(shape) != tuple(out.shape):  # the file changed since the header check
+            where = key if index is None else f"{key}[{index}]"
+            raise CheckpointError(
+                f"{self.reader.path_of(key)}: tensor {where!r} has shape {list(shape)}, "
+                f"expected {list(out.shape)}"
+            )
+        return self.reader.read_into(key, out, index)
+
     def read_into(self, expert: int, gate_up: torch.Tensor, down: torch.Tensor) -> int:
         """Copy one expert, converted, into `gate_up` [2I, H] and `down` [H, I]; -> bytes read."""
         if self.fused:
-            parts = [self._read(self.prefix + "gate_up_proj", self.gate_up_shape, expert)]
-            file_down = self._read(self.prefix + "down_proj", self.down_shape, expert)
-        else:
-            half = (self.gate_up_shape[0] // 2, self.gate_up_shape[1])
-            key = f"{self.prefix}{expert}."
-            parts = [
-                self._read(key + "gate_proj.weight", half),  # gate rows first, then up
-                self._read(key + "up_proj.weight", half),
-            ]
-            file_down = self._read(key + "down_proj.weight", self.down_shape)
-        # copy_ converts dtype and crosses devices (file on CPU, weights maybe on a GPU).
-        start = 0
-        for part in parts:
-            gate_up[start : start + part.shape[0]].copy_(part)
-            start += part.shape[0]
-        down.copy_(file_down)
-        return sum(p.nbytes for p in parts) + file_down.nbytes
+            return self._read_into(self.prefix + "gate_up_proj", gate_up, expert) + (
+                self._read_into(self.prefix + "down_proj", down, expert)
+            )
+        key, inter = f"{self.prefix}{expert}.", self.gate_up_shape[0] // 2
+        return (
+            self._read_into(key + "gate_proj.weight", gate_up[:inter])  # gate rows first
+            + self._read_into(key + "up_proj.weight", gate_up[inter:])
+            + self._read_into(key + "down_proj.weight", down)
+        )
 
     def read(self, expert: int) -> tuple[tuple[torch.Tensor, torch.Tensor], int]:
         """((gate_up, down), bytes read from the file) for one expert, for the cache."""

@@ -63,16 +63,22 @@ class ReadLog:
     def __init__(self, monkeypatch):
         self.read, self.header = [], []
         real_read, real_header = SafetensorsReader.read, SafetensorsReader.header
+        real_read_into = SafetensorsReader.read_into
 
         def read(reader, key, index=None):
             self.read.append(key)
             return real_read(reader, key, index)
+
+        def read_into(reader, key, out, index=None):
+            self.read.append(key)
+            return real_read_into(reader, key, out, index)
 
         def header(reader, key):
             self.header.append(key)
             return real_header(reader, key)
 
         monkeypatch.setattr(SafetensorsReader, "read", read)
+        monkeypatch.setattr(SafetensorsReader, "read_into", read_into)
         monkeypatch.setattr(SafetensorsReader, "header", header)
 
 
