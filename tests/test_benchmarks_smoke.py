@@ -81,7 +81,7 @@ def test_run_config_rows_checks_and_table(toy_checkpoint, tmp_path):
         assert row.passed == (
             row.value >= row.target if row.higher_is_better else row.value <= row.target
         )
-    assert "hit rate" in result.rows[-1].detail and "import torch" in result.rows[-1].detail
+    assert "hit rate" in result.rows[-2].detail and "import torch" in result.rows[-2].detail
     # The correctness checks ran and agreed (toy weights, float32).
     assert any("per-token loop" in c for c in result.checks)
     assert all("DIFFERENT" not in c for c in result.checks), result.checks
