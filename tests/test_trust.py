@@ -252,3 +252,18 @@ def test_trust_from_another_model_is_refused(tmp_path):
     assert str(path) in str(info.value)
     with pytest.raises(FileNotFoundError):
         TrustTable.load(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+def test_report_rule_runs_in_the_model_with_one_choice_per_call(dtype):
+    model = tiny_model(DTYPES[dtype])
+    table = TrustTable.for_model(model, CONTEXTS, prior=REPORT_PRIOR)
+    selector = TrustSelector.for_model(model, table, rule="report")
+    selector.context = "code"
+    model.set_selector(selector)
+    with model.routing_trace() as trace:
+        logits = model(torch.arange(9)[None])
+    assert logits.dtype == DTYPES[dtype] and torch.isfinite(logits.float()).all()
+    for layer in table.layers:
+        indices, weights = trace[layer][0]
+        assert (indices == indices[0]).all() and (weights == weights[0]).all()
