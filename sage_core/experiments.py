@@ -25,7 +25,7 @@ import io
 import json
 import math
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -298,7 +298,6 @@ class TrustProtocol:
     heldout_per_context: int = 4
     prompt_tokens: int = 64
     continuation_tokens: int = 64
-    extra: dict = field(default_factory=dict)  # recorded with the results, unused
 
     def __post_init__(self):
         if self.context_source not in CONTEXT_SOURCES:
