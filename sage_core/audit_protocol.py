@@ -290,21 +290,25 @@ def plot_effect_distribution(rows: list[dict], observed: float = REPORT_EFFECT,
     return fig
 
 
-def plot_bound(rows: list[dict]):
-    """The report's metric against the teacher-forced perplexity, one point per sample."""
+def plot_bound(rows_by_model: dict[str, list[dict]]):
+    """The report's metric against the teacher-forced perplexity, one point per held-out
+    sample, one panel per model (e.g. the report's 1-layer model and the full one)."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(4.6, 4.2))
-    for j, context in enumerate(CONTEXTS):
-        chosen = [r for r in rows if r["context"] == context]
-        ax.scatter([r["teacher_forced_ppl"] for r in chosen],
-                   [r["report_metric"] for r in chosen], s=14, color=f"C{j}", label=context)
-    hi = max(max(r["teacher_forced_ppl"] for r in rows), max(r["report_metric"] for r in rows))
-    ax.plot([1, hi], [1, hi], color="0.4", lw=0.8, ls="--", label="y = x")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("teacher-forced perplexity of the real text")
-    ax.set_ylabel("report metric exp(CE(logits, argmax))")
-    ax.legend(frameon=False, fontsize=8)
+    fig, axes = plt.subplots(1, len(rows_by_model), figsize=(4.2 * len(rows_by_model), 4),
+                             squeeze=False)
+    for ax, (title, rows) in zip(axes[0], rows_by_model.items(), strict=True):
+        for j, context in enumerate(CONTEXTS):
+            chosen = [r for r in rows if r["context"] == context]
+            ax.scatter([r["teacher_forced_ppl"] for r in chosen],
+                       [r["report_metric"] for r in chosen], s=14, color=f"C{j}", label=context)
+        hi = max(max(r["teacher_forced_ppl"] for r in rows), max(r["report_metric"] for r in rows))
+        ax.plot([1, hi], [1, hi], color="0.4", lw=0.8, ls="--", label="y = x")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("teacher-forced perplexity of the real text")
+    axes[0, 0].set_ylabel("report metric exp(CE(logits, argmax))")
+    axes[0, 0].legend(frameon=False, fontsize=8)
     fig.tight_layout()
     return fig

@@ -323,27 +323,42 @@ def run_corruption(model, tokenizer, protocol: CorruptionProtocol, corpus=None,
 
 
 def plot_recovery(curve: list[dict], seed: int = 0):
-    """Held-out perplexity of the trust arm per update step (mean over seeds, bootstrap
-    95% band), against the clean and the corrupted model with the router alone."""
+    """Left: held-out perplexity of the trust arm per update step (mean over seeds, bootstrap
+    95% band), against the clean and the corrupted model with the router alone. Right: the
+    recovery fraction per step, paired per seed, with its band (0: nothing recovered, 1:
+    the clean model)."""
     import matplotlib.pyplot as plt
 
     steps = sorted({r["step"] for r in curve})
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     cis = [ex.bootstrap_ci([r["perplexity"] for r in curve if r["step"] == s], seed=seed)
            for s in steps]
-    ax.plot(steps, [c["mean"] for c in cis], color="C0", marker="o", ms=3,
-            label="corrupted, trust (rule bias)")
-    ax.fill_between(steps, [c["low"] for c in cis], [c["high"] for c in cis], color="C0",
-                    alpha=0.2, lw=0)
+    left.plot(steps, [c["mean"] for c in cis], color="C0", marker="o", ms=3,
+              label="corrupted, trust (rule bias)")
+    left.fill_between(steps, [c["low"] for c in cis], [c["high"] for c in cis], color="C0",
+                      alpha=0.2, lw=0)
     first = {r["seed"]: r for r in curve if r["step"] == steps[0]}
     for key, color, label in (("ppl_corrupt", "C3", "corrupted, router alone"),
                               ("ppl_clean", "0.3", "clean, router alone")):
         ci = ex.bootstrap_ci([r[key] for r in first.values()], seed=seed)
-        ax.axhline(ci["mean"], color=color, ls="--", lw=1, label=label)
-        ax.axhspan(ci["low"], ci["high"], color=color, alpha=0.12, lw=0)
-    ax.set_xlabel("trust updates (training windows)")
-    ax.set_ylabel("held-out perplexity")
-    ax.legend(frameon=False, fontsize=8)
+        left.axhline(ci["mean"], color=color, ls="--", lw=1, label=label)
+        left.axhspan(ci["low"], ci["high"], color=color, alpha=0.12, lw=0)
+    left.set_ylabel("held-out perplexity")
+    left.legend(frameon=False, fontsize=8, loc="center right")
+
+    fractions = [ex.bootstrap_ci([recovery_fraction(r["ppl_clean"], r["ppl_corrupt"],
+                                                    r["perplexity"])
+                                  for r in curve if r["step"] == s], seed=seed) for s in steps]
+    right.axhline(0, color="C3", ls="--", lw=1, label="corrupted (nothing recovered)")
+    right.axhline(1, color="0.3", ls="--", lw=1, label="clean (all recovered)")
+    right.plot(steps, [c["mean"] for c in fractions], color="C0", marker="o", ms=3,
+               label="trust")
+    right.fill_between(steps, [c["low"] for c in fractions], [c["high"] for c in fractions],
+                       color="C0", alpha=0.2, lw=0)
+    right.set_ylabel("recovery fraction")
+    right.legend(frameon=False, fontsize=8, loc="center right")
+    for ax in (left, right):
+        ax.set_xlabel("trust updates (training windows)")
     fig.tight_layout()
     return fig
 
