@@ -9,12 +9,14 @@ import torch
 
 from benchmarks.references import TransformersThinker, experts_implementations, loop_logits
 from benchmarks.rss import measure_rss
-from benchmarks.timing import Ratio, paired_rounds, time_call
+from benchmarks.timing import Ratio, interleaved, paired_rounds, time_call
 from sage_core import generate, load_thinker
 from sage_core.checkpoint import foreign_tensors, save_thinker_checkpoint
+from sage_core.classifier import ContextClassifier
 from sage_core.config import ThinkerTextConfig
 from sage_core.model import Qwen3OmniThinker
 from sage_core.paths import MODELS
+from sage_core.trust import TrustSelector, TrustTable
 
 # float32 logits of sage_core and a reference must agree this closely (absolute, scaled
 # by the logits' own size) or the benchmark stops: a fast wrong model is not a result.
@@ -229,8 +231,67 @@ def run_config(name: str, checkpoint: Path, work: Workload, log=print) -> Config
             )
         )
 
+    result.rows.extend(_trust_rows(name, model, prefill, work, log))
     result.rows.extend(_rss_rows(result, cfg, checkpoint, work, log))
     return result
+
+
+def _trust_rows(name, model, prefill, work: Workload, log) -> list[Row]:
+    """The trust selector's cost on a forward pass, and the classifier's per generation.
+
+    The trust table is neutral, so both arms route every token to the same experts and
+    the difference is the selection itself; learned trust also changes which experts run,
+    which is a different question (notebooks 05 and 07).
+    """
+    contexts = ["code", "reasoning", "text"]
+    selector = TrustSelector.for_model(model, TrustTable.for_model(model, contexts))
+    selector.context = contexts[0]
+
+    def trusted():
+        model.set_selector(selector)
+        try:
+            return prefill()
+        finally:
+            model.set_selector(None)
+
+    reference = prefill()
+    if not torch.equal(trusted(), reference):
+        raise BenchmarkMismatch(f"{name}: neutral trust changed the logits")
+    log(f"[{name}] trust-augmented forward vs router-only forward")
+    ratio = paired_rounds(
+        trusted, prefill, time_call(prefill), work.budget_s, work.min_rounds, work.max_rounds
+    )
+    overhead = Row(
+        name,
+        "forward time, trust / router",
+        "router-only forward (neutral trust: same experts)",
+        1.10,
+        False,
+        1 / ratio.value,
+        1 / ratio.high,
+        1 / ratio.low,
+        f"trust {ratio.ours.median * 1e3:.1f} ms, router {ratio.reference.median * 1e3:.1f} ms",
+    )
+    # One generation is one pooled hidden state; the classifier is fitted on 3 x 32 of them.
+    gen = torch.Generator().manual_seed(work.seed)
+    hidden = model.config.hidden_size
+    features = torch.randn(96, hidden, generator=gen)
+    classifier = ContextClassifier(3, contexts, mode="supervised", seed=work.seed)
+    classifier.fit(features, torch.arange(96) % 3)
+    one = features[:1]
+    samples = interleaved({"predict": lambda: classifier.predict(one)}, 3, 50)["predict"]
+    predict = Row(
+        name,
+        "classifier predict, ms per generation",
+        "absolute time (the target is absolute)",
+        1.0,
+        False,
+        samples.median * 1e3,
+        min(samples.seconds) * 1e3,
+        max(samples.seconds) * 1e3,
+        f"median of 50 calls on one ({hidden},) feature vector",
+    )
+    return [overhead, predict]
 
 
 def _rss_rows(result, cfg, checkpoint, work: Workload, log) -> list[Row]:

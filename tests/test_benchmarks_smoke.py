@@ -68,7 +68,12 @@ def test_run_config_rows_checks_and_table(toy_checkpoint, tmp_path):
     assert ("prefill tok/s", "transformers experts=eager") in measures
     assert ("prefill tok/s", "per-token per-expert loop") in measures
     assert ("decode tok/s", "transformers generate experts=eager") in measures
-    assert [m[0] for m in measures[-2:]] == ["peak RSS", "peak RSS above `import torch`"]
+    assert [m[0] for m in measures[-4:]] == [
+        "forward time, trust / router",
+        "classifier predict, ms per generation",
+        "peak RSS",
+        "peak RSS above `import torch`",
+    ]
     # max_resident_experts is 25% of the 16 experts: 4.
     assert "max_resident_experts=4 (25%) vs all 16" in measures[-1][1]
     targets = {(row.measure, row.reference): row.target_text for row in result.rows}
