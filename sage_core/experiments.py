@@ -566,6 +566,14 @@ def final_effects(model, tokenizer, protocol: TrustProtocol, variants: dict[str,
     return rows
 
 
+def verdict(row: dict) -> str:
+    """What a CI of the relative perplexity change (trust vs router) supports:
+    "improvement" (CI below zero), "harm" (CI above zero) or "no difference"."""
+    if row["ci_high"] < 0:
+        return "improvement"
+    return "harm" if row["ci_low"] > 0 else "no difference"
+
+
 def effect_summary(curve: list[dict], seed: int = 0) -> list[dict]:
     """Per (step, context): the paired relative perplexity change trust vs baseline over
     seeds, its seeded bootstrap 95% CI, and each arm's mean perplexity."""

@@ -209,3 +209,11 @@ def test_final_effects_one_row_per_variant(model, corpus):
     assert [r["variant"] for r in rows] == ["no trust", "strong"]
     assert rows[0]["relative_change"] == 0.0  # beta 0 is the router exactly
     assert rows[1]["relative_change"] != 0.0 and rows[1]["step"] == 2
+
+
+def test_verdict_reads_the_ci():
+    from sage_core.experiments import verdict
+
+    assert verdict({"ci_low": -0.03, "ci_high": -0.01}) == "improvement"
+    assert verdict({"ci_low": 0.01, "ci_high": 0.03}) == "harm"
+    assert verdict({"ci_low": -0.01, "ci_high": 0.02}) == "no difference"
