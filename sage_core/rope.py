@@ -66,9 +66,11 @@ class MultimodalRotaryEmbedding(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # A parent's `.to(bfloat16)` would round the table with the weights, and casting
-        # back at use cannot undo rounding: rebuild it in float32 wherever it moved.
+        # back at use cannot undo rounding: when a cast touched it, rebuild it in float32.
+        before = self.inv_freq.dtype
         super()._apply(fn, recurse)
-        self.reset_buffers(device=self.inv_freq.device)
+        if self.inv_freq.dtype != before:
+            self.reset_buffers(device=self.inv_freq.device)
         return self
 
     @torch.no_grad()

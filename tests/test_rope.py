@@ -216,3 +216,23 @@ def test_reset_buffers_restores_float32():
     rotary.reset_buffers()
     assert rotary.inv_freq.dtype == torch.float32
     torch.testing.assert_close(rotary.inv_freq, rope_inv_freq(HEAD_DIM, THETA), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_a_parent_cast_does_not_round_the_table(dtype):
+    parent = torch.nn.Sequential(rope())
+    parent.to(dtype)
+    rotary = parent[0]
+    assert rotary.inv_freq.dtype == torch.float32
+    torch.testing.assert_close(rotary.inv_freq, rope_inv_freq(HEAD_DIM, THETA), rtol=0, atol=0)
+
+
+def test_a_device_move_keeps_a_polluted_buffer_and_use_still_casts():
+    # Only a cast rebuilds the table: a float64 buffer that rides along on `.to(device)`
+    # stays as loaded, and the cast at use is what keeps the output in the activation dtype.
+    rotary = rope()
+    rotary.inv_freq = rotary.inv_freq.double()
+    rotary.to("cpu")
+    assert rotary.inv_freq.dtype == torch.float64
+    cos, _ = rotary(torch.zeros(1, 3, 4), torch.arange(3)[None])
+    assert cos.dtype == torch.float32
