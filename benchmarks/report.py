@@ -5,17 +5,18 @@ from pathlib import Path
 
 from benchmarks.suite import ConfigResult, Row
 
-COLUMNS = ("config", "measure", "sage_core vs", "target", "ratio", "spread (min-max)", "pass")
+COLUMNS = ("config", "measure", "sage_core vs", "target", "measured", "spread (min-max)", "pass")
 
 
 def _cells(row: Row) -> tuple[str, ...]:
-    spread = "-" if row.low == row.high else f"{row.low:.2f}-{row.high:.2f}"
+    digits = 2 if row.unit == "x" else 3
+    spread = "-" if row.low == row.high else f"{row.low:.{digits}f}-{row.high:.{digits}f}"
     return (
         row.config,
         row.measure,
         row.reference,
         row.target_text,
-        f"{row.value:.2f}x",
+        f"{row.value:.{digits}f}{row.unit}",
         spread,
         "PASS" if row.passed else "FAIL",
     )

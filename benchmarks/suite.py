@@ -70,6 +70,7 @@ class Row:
     low: float
     high: float
     detail: str
+    unit: str = "x"  # "x": a ratio; " ms": an absolute time, where the target is one
 
     @property
     def passed(self) -> bool:
@@ -77,7 +78,7 @@ class Row:
 
     @property
     def target_text(self) -> str:
-        return f"{'>=' if self.higher_is_better else '<='} {self.target:.2f}x"
+        return f"{'>=' if self.higher_is_better else '<='} {self.target:.2f}{self.unit}"
 
 
 @dataclass
@@ -290,6 +291,7 @@ def _trust_rows(name, model, prefill, work: Workload, log) -> list[Row]:
         min(samples.seconds) * 1e3,
         max(samples.seconds) * 1e3,
         f"median of 50 calls on one ({hidden},) feature vector",
+        unit=" ms",
     )
     return [overhead, predict]
 

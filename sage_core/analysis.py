@@ -138,7 +138,7 @@ def score_documents(
         for i in range(0, tgt.shape[0], HEAD_CHUNK):
             logp = torch.log_softmax(model.lm_head(pred[i : i + HEAD_CHUNK]).float(), dim=-1)
             nll = -logp.gather(1, tgt[i : i + HEAD_CHUNK, None])[:, 0]
-            bits.append(nll.double().cpu().numpy() * LOG2E)
+            bits.append(nll.cpu().numpy().astype(np.float64) * LOG2E)
         targets_of.append(targets)
     targets = np.concatenate(targets_of)
     return ContextPass(

@@ -257,7 +257,7 @@ def evaluate(model, samples, selector=None, context_source="label", assigner=Non
                 selector.context = context
             nll, _ = score_continuation(model, sample)
             rows.append({"sample": i, "context": sample.context, "assigned": context,
-                         "nll_sum": float(nll.double().sum()), "tokens": int(nll.numel())})
+                         "nll_sum": math.fsum(nll.tolist()), "tokens": int(nll.numel())})
     finally:
         model.set_selector(None)
     return rows
