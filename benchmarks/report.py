@@ -1,9 +1,9 @@
 """The results table (markdown, printed and written to RESULTS.md, atomically)."""
 
-import os
 from pathlib import Path
 
 from benchmarks.suite import ConfigResult, Row
+from sage_core.atomic import atomic_write_text
 
 COLUMNS = ("config", "measure", "sage_core vs", "target", "measured", "spread (min-max)", "pass")
 
@@ -45,13 +45,4 @@ def results_markdown(results: list[ConfigResult], header: list[str], skipped: li
 
 
 def write_atomic(path: Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_text(path, text)

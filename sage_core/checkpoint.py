@@ -27,9 +27,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
+from sage_core.atomic import atomic_write_bytes, atomic_write_text
 from sage_core.config import ThinkerTextConfig, nested_config_dict, read_config
 from sage_core.dtypes import parse_dtype
 from sage_core.errors import CheckpointError
@@ -634,33 +635,8 @@ def load_thinker(
 # ---------------------------------------------------------------------------------------------
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through `write(tmp)` to a temporary file, fsync it, then rename over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
 def _write_json(path: Path, obj) -> None:
-    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
-    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _balanced_shards(tensors: dict[str, torch.Tensor], num_shards: int) -> list[list[str]]:
@@ -753,7 +729,7 @@ def save_thinker_checkpoint(
     weight_map = {}
     for name, keys in zip(names, _balanced_shards(tensors, num_shards)):
         shard = {k: tensors[k] for k in keys}
-        _atomic_write(out_dir / name, lambda tmp, s=shard: save_file(s, tmp, {"format": "pt"}))
+        atomic_write_bytes(out_dir / name, save(shard, {"format": "pt"}))
         weight_map.update(dict.fromkeys(keys, name))
     if num_shards > 1:
         total = sum(t.nbytes for t in tensors.values())

@@ -18,8 +18,6 @@ checksum), written atomically. Nothing is pickled.
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +27,7 @@ from safetensors.numpy import save as safetensors_save
 from sklearn.cluster import MiniBatchKMeans
 from threadpoolctl import threadpool_limits
 
+from sage_core.atomic import atomic_write_bytes
 from sage_core.dtypes import to_numpy_float32
 
 SCHEMA_VERSION = 1
@@ -187,7 +186,7 @@ class ContextClassifier:
             "centers_sha256": hashlib.sha256(centers.tobytes()).hexdigest(),
         }
         path = Path(path)
-        _atomic_write_bytes(path, safetensors_save({"centers": centers}, metadata=metadata))
+        atomic_write_bytes(path, safetensors_save({"centers": centers}, metadata=metadata))
         return path
 
     @classmethod
@@ -276,24 +275,3 @@ def _mask_input(mask, shape) -> np.ndarray:
     if mask.shape != tuple(shape):
         raise ValueError(f"attention_mask must have shape {tuple(shape)}, got {mask.shape}")
     return (mask != 0).astype(np.float32)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Temp file in the same directory, fsync, os.replace: readers see old or new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

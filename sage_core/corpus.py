@@ -25,16 +25,15 @@ import ast
 import hashlib
 import inspect
 import json
-import os
 import platform
 import random
 import re
 import sysconfig
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from sage_core.atomic import atomic_write_bytes
 from sage_core.paths import DATA
 
 CONTEXTS = ("code", "reasoning", "text")
@@ -456,19 +455,6 @@ def split_documents(context: str, config: CorpusConfig) -> dict[str, list[str]]:
     return parts
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _part_bytes(docs: list[str]) -> bytes:
     return "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs).encode("utf-8")
 
@@ -495,7 +481,7 @@ def build_corpus(directory: Path | str | None = None, config: CorpusConfig | Non
         split = split_documents(context, config)
         for name in SPLITS:
             data = _part_bytes(split[name])
-            _atomic_write(out / part_name(context, name), data)
+            atomic_write_bytes(out / part_name(context, name), data)
             parts[f"{context}/{name}"] = {
                 "file": part_name(context, name),
                 "bytes": len(data),
@@ -511,7 +497,7 @@ def build_corpus(directory: Path | str | None = None, config: CorpusConfig | Non
         "matches_reference_python": python == REFERENCE_PYTHON,
         "parts": parts,
     }
-    _atomic_write(out / MANIFEST, _canonical_json(manifest))
+    atomic_write_bytes(out / MANIFEST, _canonical_json(manifest))
     return out
 
 

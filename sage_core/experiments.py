@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sage_core.atomic import atomic_write_bytes
 from sage_core.classifier import ContextClassifier
 from sage_core.corpus import CONTEXTS, load_corpus
 from sage_core.generation import generate
@@ -41,7 +42,6 @@ from sage_core.trust import (
     TrustLearner,
     TrustSelector,
     TrustTable,
-    atomic_write_bytes,
     dense_routing,
 )
 

@@ -1,11 +1,10 @@
 """Deterministic figure export: one helper writes PNG, SVG and PDF byte-identically on rerun."""
 
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 
+from sage_core.atomic import atomic_write
 from sage_core.paths import FIGURES
 
 # No dates, no software stamps: the bytes depend only on the figure.
@@ -29,17 +28,12 @@ def save_figure(fig, name: str, directory: Path | str | None = None, dpi: int = 
     paths = {}
     with plt.rc_context({"svg.hashsalt": SVG_HASH_SALT, "svg.fonttype": "path"}):
         for fmt, metadata in _METADATA.items():
-            path = out / f"{name}.{fmt}"
-            # A unique temp name: two runs writing the same figure must not collide.
-            fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=f".{fmt}")
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    fig.savefig(fh, format=fmt, dpi=dpi, metadata=metadata, bbox_inches="tight")
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-            paths[fmt] = path
+            paths[fmt] = atomic_write(
+                out / f"{name}.{fmt}",
+                lambda f, fmt=fmt, metadata=metadata: fig.savefig(
+                    f, format=fmt, dpi=dpi, metadata=metadata, bbox_inches="tight"
+                ),
+            )
     return paths
 
 

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -23,6 +21,7 @@ from pathlib import Path
 
 import nbformat
 
+from sage_core.atomic import atomic_write_text
 from sage_core.paths import NOTEBOOKS, ROOT
 
 KERNEL_NAME = "sage-dtype-trust"
@@ -200,43 +199,15 @@ def normalise(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     return nb
 
 
-def _temp_beside(path: Path) -> tuple[int, str]:
-    """A temporary file in `path`'s directory (so the final rename is atomic), with the mode
-    `path` has, or 0644 for a new file, rather than mkstemp's 0600."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-    return fd, tmp
-
-
 def write_notebook(nb: nbformat.NotebookNode, path: Path) -> None:
-    """nbformat's fixed JSON layout, written atomically (temp file, fsync, rename)."""
-    path = Path(path)
-    fd, tmp = _temp_beside(path)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            nbformat.write(nb, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """nbformat's fixed JSON layout (what nbformat.write produces), written atomically."""
+    text = nbformat.writes(nb)
+    atomic_write_text(path, text if text.endswith("\n") else text + "\n")
 
 
 def write_json(data: dict, path: Path) -> None:
     """Pretty, sorted JSON written atomically."""
-    path = Path(path)
-    fd, tmp = _temp_beside(path)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _absolute_paths_in_outputs(nb: nbformat.NotebookNode) -> list[int]:

@@ -13,11 +13,10 @@ Every tokenizer here has ``encode(text) -> list[int]``, ``decode(ids) -> str``,
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from sage_core.atomic import atomic_write_text
 from sage_core.errors import CheckpointError
 
 BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
@@ -54,13 +53,7 @@ class ByteTokenizer:
     def save(self, directory: Path | str) -> Path:
         path = Path(directory) / BYTE_TOKENIZER_FILE
         data = (json.dumps({"type": "byte", **asdict(self)}, indent=2, sort_keys=True) + "\n")
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(path, data)
 
     @classmethod
     def from_file(cls, path: Path | str) -> ByteTokenizer:

@@ -195,7 +195,7 @@ def test_failed_write_leaves_old_file_and_no_temp(tmp_path, fitted, monkeypatch)
     def broken_fsync(fd):
         raise OSError("disk full")
 
-    monkeypatch.setattr("sage_core.classifier.os.fsync", broken_fsync)
+    monkeypatch.setattr("sage_core.atomic.os.fsync", broken_fsync)
     with pytest.raises(OSError, match="disk full"):
         fitted.save(path)
     assert path.read_bytes() == before

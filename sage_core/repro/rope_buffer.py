@@ -16,7 +16,6 @@ for comparison, a block built on the project's fixed `sage_core.rope`.
 """
 
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, load_model, save_file
+from safetensors.torch import load_file, load_model, save
 from torch import nn
 
+from sage_core.atomic import atomic_write_bytes
 from sage_core.dtypes import dtype_name, parse_dtype
 from sage_core.rope import MultimodalRotaryEmbedding, apply_rotary, rotate_half
 
@@ -204,17 +204,7 @@ def write_checkpoint(
     path = Path(path)
     state = {k: v.detach().contiguous() for k, v in block.state_dict().items()}
     state["rope.inv_freq"] = export_inv_freq(block.config, inv_freq_dtype)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"format": "pt"})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return atomic_write_bytes(path, save(state, metadata={"format": "pt"}))
 
 
 def _copy(block: nn.Module, file: Path) -> None:
