@@ -205,20 +205,15 @@ class CorruptionProtocol:
     continuation_tokens: int = 64
 
     def __post_init__(self):
-        if self.context_source not in ex.CONTEXT_SOURCES:
-            raise ValueError(f"context_source must be one of {ex.CONTEXT_SOURCES}, "
-                             f"got {self.context_source!r}")
+        ex.check_run_settings(self.context_source, self.seeds)
         if not 1 <= self.m <= self.pool:
             raise ValueError(f"need 1 <= m <= pool, got m={self.m}, pool={self.pool}")
         if self.num_updates < 1 or self.eval_every < 1:
             raise ValueError(f"num_updates and eval_every must be >= 1, got "
                              f"{self.num_updates}, {self.eval_every}")
-        if len(self.seeds) < 1 or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds must be distinct and non-empty, got {self.seeds}")
 
     def eval_steps(self) -> list[int]:
-        steps = list(range(0, self.num_updates + 1, self.eval_every))
-        return steps if steps[-1] == self.num_updates else [*steps, self.num_updates]
+        return ex.eval_schedule(self.num_updates, self.eval_every)
 
 
 def _ppl(rows) -> float:

@@ -300,18 +300,28 @@ class TrustProtocol:
     continuation_tokens: int = 64
 
     def __post_init__(self):
-        if self.context_source not in CONTEXT_SOURCES:
-            raise ValueError(f"context_source must be one of {CONTEXT_SOURCES}, "
-                             f"got {self.context_source!r}")
+        check_run_settings(self.context_source, self.seeds)
         if self.num_updates < 0 or self.eval_every < 1:
             raise ValueError(f"num_updates must be >= 0 and eval_every >= 1, got "
                              f"{self.num_updates}, {self.eval_every}")
-        if len(self.seeds) < 1 or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds must be distinct and non-empty, got {self.seeds}")
 
     def eval_steps(self) -> list[int]:
-        steps = list(range(0, self.num_updates + 1, self.eval_every))
-        return steps if steps[-1] == self.num_updates else [*steps, self.num_updates]
+        return eval_schedule(self.num_updates, self.eval_every)
+
+
+def check_run_settings(context_source: str, seeds) -> None:
+    """The checks every trust protocol shares: a known context source, distinct seeds."""
+    if context_source not in CONTEXT_SOURCES:
+        raise ValueError(f"context_source must be one of {CONTEXT_SOURCES}, "
+                         f"got {context_source!r}")
+    if len(seeds) < 1 or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct and non-empty, got {seeds}")
+
+
+def eval_schedule(num_updates: int, eval_every: int) -> list[int]:
+    """Update counts at which to evaluate: 0, eval_every, 2 * eval_every, ... and the last."""
+    steps = list(range(0, num_updates + 1, eval_every))
+    return steps if steps[-1] == num_updates else [*steps, num_updates]
 
 
 def _curve_rows(seed, arm, step, rows, protocol) -> list[dict]:

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sage_core.audit import AUDIT_CONFIG
 from sage_core.classifier import ContextClassifier
-from sage_core.config import ThinkerTextConfig
 from sage_core.dtypes import (
     DELIBERATE_SITES,
     DtypePolicyError,
@@ -29,20 +29,7 @@ from sage_core.moe import load_balancing_loss
 from sage_core.repro import rope_buffer as rb
 from sage_core.repro import sklearn_boundary as sb
 
-CFG = ThinkerTextConfig(
-    vocab_size=64,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-    intermediate_size=24,
-    moe_intermediate_size=16,
-    num_experts=4,
-    num_experts_per_tok=2,
-    mrope_section=(2, 1, 1),
-    mlp_only_layers=(0,),  # one dense layer, one sparse: both MLP paths run
-)
+CFG = AUDIT_CONFIG  # one dense layer, one sparse: both MLP paths run
 ACTIVATIONS = [torch.float32, torch.bfloat16, torch.float64]
 
 
