@@ -53,7 +53,12 @@ class ThinkerTextModel(nn.Module):
 
     def __init__(self, config: ThinkerTextConfig, layer_indices: list[int]):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # `_weight` skips nn.Embedding's own init; init_weights() sets every weight.
+        self.embed_tokens = nn.Embedding(
+            config.vocab_size,
+            config.hidden_size,
+            _weight=torch.empty(config.vocab_size, config.hidden_size),
+        )
         self.layers = nn.ModuleDict({str(i): DecoderLayer(config, i) for i in layer_indices})
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = MultimodalRotaryEmbedding(
@@ -75,7 +80,10 @@ class Qwen3OmniThinker(nn.Module):
         self.lm_head = (
             nn.Linear(config.hidden_size, config.vocab_size, bias=False) if with_lm_head else None
         )
-        self.init_weights()
+        # On the meta device (the loader's skeleton) there is nothing to initialise, and
+        # normal_ there imports torch's Python meta kernels (sympy included): ~68 MiB of RSS.
+        if not self.model.embed_tokens.weight.is_meta:
+            self.init_weights()
         if self.lm_head is not None and config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

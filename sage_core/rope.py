@@ -13,6 +13,11 @@ from torch import nn
 
 def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
     """`1 / theta ** (arange(0, head_dim, 2) / head_dim)`, always float32."""
+    device = torch.get_default_device() if device is None else torch.device(device)
+    if device.type == "meta":
+        # No values to compute on meta, and arange there runs torch's Python reference
+        # kernels, whose import (sympy included) costs a loader ~68 MiB of RSS.
+        return torch.empty(head_dim // 2, dtype=torch.float32, device=device)
     exponent = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim
     return 1.0 / (theta**exponent)
 

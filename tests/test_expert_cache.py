@@ -53,6 +53,7 @@ def test_lru_order_hits_misses_evictions():
         "peak_resident": 3,
         "resident": 3,
         "capacity": 3,
+        "recycled": 0,
     }
 
 
@@ -165,3 +166,52 @@ def test_on_demand_experts_read_one_expert_at_a_time(tmp_path, experts):
     assert cache.keys() == [(0, 3), (0, 4)]
     with pytest.raises(IndexError, match="expert 5 out of range"):
         provider.expert(5)
+
+
+def _provider(tmp_path, experts="per_expert", capacity=2):
+    state = write_experts(tmp_path, experts, torch.float32)
+    reader = SafetensorsReader(tmp_path)
+    source = ExpertSource(reader, "thinker.model.layers.0.mlp.experts.", CFG, torch.float32, "cpu")
+    cache = ExpertCache(capacity)
+    return OnDemandExperts(0, source, cache), cache, state
+
+
+def _want(state, e):
+    return (
+        state["model.layers.0.mlp.experts.gate_up_proj"][e],
+        state["model.layers.0.mlp.experts.down_proj"][e],
+    )
+
+
+@pytest.mark.parametrize("experts", ["per_expert", "fused"])
+def test_a_full_cache_reads_into_evicted_buffers_nobody_holds(tmp_path, experts):
+    provider, cache, state = _provider(tmp_path, experts)
+    addresses = set()
+    for e in [0, 1, 2, 3, 4, 0, 2]:
+        gate_up, down = provider.expert(e)
+        torch.testing.assert_close((gate_up, down), _want(state, e), rtol=0, atol=0)
+        addresses.add(gate_up.data_ptr())
+        del gate_up, down
+    stats = cache.stats()
+    assert stats["evictions"] == 5 and stats["recycled"] == 5
+    assert len(addresses) == 2  # the two buffers of the first two misses, nothing new
+
+
+def test_an_evicted_expert_someone_still_holds_is_never_overwritten(tmp_path):
+    provider, cache, state = _provider(tmp_path)
+    held_gate_up, _ = provider.expert(0)
+    view_of_down = provider.expert(1)[1][:2]
+    gate_up, _ = provider.expert(2)  # evicts 0 (held): a fresh buffer
+    x = torch.randn(3, CFG.hidden_size, requires_grad=True)
+    saved_for_backward = torch.nn.functional.linear(x, gate_up).sum()  # autograd saves it
+    del gate_up
+    for e in [3, 4, 0, 1]:  # evicts 1 (a view held), 2 (saved), 3, 4 ...
+        provider.expert(e)
+    torch.testing.assert_close(held_gate_up, _want(state, 0)[0], rtol=0, atol=0)
+    torch.testing.assert_close(view_of_down, _want(state, 1)[1][:2], rtol=0, atol=0)
+    saved_for_backward.backward()
+    want_grad = _want(state, 2)[0].sum(0).expand(3, -1)
+    torch.testing.assert_close(x.grad, want_grad)
+    stats = cache.stats()
+    # Evictions of 0, 1 and 2 found them held; the later ones (3 and 4, released) recycle.
+    assert stats["evictions"] == 5 and stats["recycled"] == 2
