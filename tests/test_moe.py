@@ -72,6 +72,23 @@ def test_grouped_and_gathered_experts_equal_a_per_token_loop(T, k):
     assert expected.abs().max() > 0.1
 
 
+def test_grouped_experts_with_autograd_equal_the_inference_path_and_have_gradients():
+    """Grad mode concatenates per-expert outputs; no_grad writes them into one buffer."""
+    experts = random_experts()
+    x = torch.randn(9, H, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    indices, weights = random_choice(9, 3, seed=5)
+    with torch.no_grad():
+        inference = grouped_expert_mix(x, indices, weights, experts)
+    trained = grouped_expert_mix(x, indices, weights, experts)
+    torch.testing.assert_close(trained, inference, rtol=0, atol=0)
+    trained.square().sum().backward()
+    expected = naive_mix(x, indices, weights, experts)
+    grads = torch.autograd.grad(expected.square().sum(), [x, experts.down_proj])
+    torch.testing.assert_close(x.grad, grads[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(experts.down_proj.grad, grads[1], rtol=1e-4, atol=1e-4)
+    assert experts.down_proj.grad.abs().max() > 0
+
+
 def test_grouped_experts_run_one_matmul_pair_per_used_expert():
     class Counting(nn.Module):
         def __init__(self, inner):
