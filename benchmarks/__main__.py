@@ -12,6 +12,7 @@ import torch
 import transformers
 
 from benchmarks.report import markdown_table, results_markdown, write_atomic
+from benchmarks.roofline import measure_rates
 from benchmarks.suite import MID, Workload, find_tiny_checkpoint, random_checkpoint, run_config
 
 THREADS = 2
@@ -43,6 +44,8 @@ def main(argv=None) -> int:
     work = Workload(budget_s=args.budget)
     load_before = _load()
     started = time.perf_counter()
+    rates = measure_rates()
+    print(rates.describe())
     results, skipped = [], []
     with tempfile.TemporaryDirectory(prefix="sage-bench-") as tmp:
         for name in names:
@@ -56,7 +59,7 @@ def main(argv=None) -> int:
                     print(note)
                     skipped.append(note)
                     continue
-            results.append(run_config(name, checkpoint, work))
+            results.append(run_config(name, checkpoint, work, rates=rates))
     elapsed = time.perf_counter() - started
 
     rows = [row for result in results for row in result.rows]
@@ -65,7 +68,12 @@ def main(argv=None) -> int:
         "the same process on the same weight tensors (peak RSS: fresh subprocesses, one per",
         "setting). Timed rounds are interleaved; the ratio is the median of per-round",
         "ratios, the spread their range. Absolute times are in the sections below.",
+        "\"ceiling here\" is the reference's time over the workload's floor on this machine:",
+        "max(FLOPs / peak GEMM rate, weight bytes / peak read rate) per forward, with both",
+        "rates measured in this run and the work counted from the experts each forward",
+        "really used (benchmarks/roofline.py). No implementation can beat the ceiling here.",
         "",
+        f"- {rates.describe()}",
         f"- torch {torch.__version__}, transformers {transformers.__version__}, "
         f"python {platform.python_version()}, {THREADS} torch threads, "
         f"{os.cpu_count()} CPUs, float32",

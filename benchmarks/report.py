@@ -5,7 +5,16 @@ from pathlib import Path
 from benchmarks.suite import ConfigResult, Row
 from sage_core.atomic import atomic_write_text
 
-COLUMNS = ("config", "measure", "sage_core vs", "target", "measured", "spread (min-max)", "pass")
+COLUMNS = (
+    "config",
+    "measure",
+    "sage_core vs",
+    "target",
+    "measured",
+    "spread (min-max)",
+    "ceiling here",
+    "pass",
+)
 
 
 def _cells(row: Row) -> tuple[str, ...]:
@@ -18,6 +27,7 @@ def _cells(row: Row) -> tuple[str, ...]:
         row.target_text,
         f"{row.value:.{digits}f}{row.unit}",
         spread,
+        "-" if row.ceiling is None else f"{row.ceiling:.2f}x",
         "PASS" if row.passed else "FAIL",
     )
 

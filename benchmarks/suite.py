@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.references import TransformersThinker, experts_implementations, loop_logits
+from benchmarks.roofline import MachineRates, decode_floor, measure_rates, prefill_floor
 from benchmarks.rss import measure_rss
 from benchmarks.timing import Ratio, interleaved, paired_rounds, time_call
 from sage_core import generate, load_thinker
@@ -71,6 +72,9 @@ class Row:
     high: float
     detail: str
     unit: str = "x"  # "x": a ratio; " ms": an absolute time, where the target is one
+    # For a speed ratio: the reference's time over the workload's floor on this machine
+    # (benchmarks.roofline), the largest ratio any implementation could reach here.
+    ceiling: float | None = None
 
     @property
     def passed(self) -> bool:
@@ -121,13 +125,25 @@ def find_tiny_checkpoint(models_dir: Path = MODELS) -> Path | None:
     return None
 
 
-def _ratio_row(config, measure, reference, target, ratio: Ratio, tokens: int) -> Row:
+def _ratio_row(config, measure, reference, target, ratio: Ratio, tokens: int, floor_s) -> Row:
     ours, ref = ratio.ours.median, ratio.reference.median
     detail = (
         f"sage_core {tokens / ours:,.0f} tok/s ({ours * 1e3:.0f} ms), "
-        f"reference {tokens / ref:,.0f} tok/s ({ref * 1e3:.0f} ms)"
+        f"reference {tokens / ref:,.0f} tok/s ({ref * 1e3:.0f} ms), "
+        f"floor {floor_s * 1e3:.1f} ms (sage_core at {floor_s / ours:.0%} of the best possible)"
     )
-    return Row(config, measure, reference, target, True, ratio.value, ratio.low, ratio.high, detail)
+    return Row(
+        config,
+        measure,
+        reference,
+        target,
+        True,
+        ratio.value,
+        ratio.low,
+        ratio.high,
+        detail,
+        ceiling=ref / floor_s,
+    )
 
 
 def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -148,9 +164,15 @@ def _check_logits(result: ConfigResult, what: str, ours: torch.Tensor, theirs: t
 
 
 @torch.no_grad()
-def run_config(name: str, checkpoint: Path, work: Workload, log=print) -> ConfigResult:
-    """Every target for one checkpoint, measured in this process (RSS in subprocesses)."""
+def run_config(
+    name: str, checkpoint: Path, work: Workload, log=print, rates: MachineRates | None = None
+) -> ConfigResult:
+    """Every target for one checkpoint, measured in this process (RSS in subprocesses).
+
+    `rates`: this machine's measured FLOP and read rates for the floors (measured here
+    when not given)."""
     result = ConfigResult(name, str(checkpoint))
+    rates = rates if rates is not None else measure_rates()
     model = load_thinker(checkpoint)
     cfg = model.config
     gen = torch.Generator().manual_seed(work.seed)
@@ -196,6 +218,15 @@ def run_config(name: str, checkpoint: Path, work: Workload, log=print) -> Config
             f"{'identical' if same else 'DIFFERENT'}"
         )
 
+    floors = {
+        "prefill": prefill_floor(model, prefill_ids, rates),
+        "decode": decode_floor(model, prompt_ids, work.decode_new, rates),
+    }
+    result.checks.append(
+        f"floors ({rates.describe()}): prefill {floors['prefill'] * 1e3:.1f} ms, "
+        f"decode {floors['decode'] * 1e3:.1f} ms"
+    )
+
     def measure(kind, key, reference):
         return paired_rounds(
             prefill if kind == "prefill" else decode,
@@ -211,12 +242,28 @@ def run_config(name: str, checkpoint: Path, work: Workload, log=print) -> Config
         ratio = measure("prefill", impl, lambda ref=ref: ref.logits(prefill_ids))
         target = 1.2 if impl == "eager" else 1.0
         result.rows.append(
-            _ratio_row(name, "prefill tok/s", f"transformers experts={impl}", target, ratio, prefill_len)
+            _ratio_row(
+                name,
+                "prefill tok/s",
+                f"transformers experts={impl}",
+                target,
+                ratio,
+                prefill_len,
+                floors["prefill"],
+            )
         )
     log(f"[{name}] prefill ({prefill_len} tokens) vs the per-token loop")
     ratio = measure("prefill", "loop", lambda: loop_logits(model, prefill_ids))
     result.rows.append(
-        _ratio_row(name, "prefill tok/s", "per-token per-expert loop", 10.0, ratio, prefill_len)
+        _ratio_row(
+            name,
+            "prefill tok/s",
+            "per-token per-expert loop",
+            10.0,
+            ratio,
+            prefill_len,
+            floors["prefill"],
+        )
     )
     for impl, ref in references.items():
         log(f"[{name}] decode ({work.decode_new} new tokens) vs transformers generate {impl}")
@@ -229,6 +276,7 @@ def run_config(name: str, checkpoint: Path, work: Workload, log=print) -> Config
                 1.5,
                 ratio,
                 work.decode_new,
+                floors["decode"],
             )
         )
 

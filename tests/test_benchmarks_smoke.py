@@ -20,6 +20,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.references import TransformersThinker, loop_logits  # noqa: E402
 from benchmarks.report import COLUMNS, markdown_table, results_markdown, write_atomic  # noqa: E402
+from benchmarks.roofline import MachineRates, forward_work  # noqa: E402
 from benchmarks.suite import (  # noqa: E402
     BenchmarkMismatch,
     Workload,
@@ -86,7 +87,10 @@ def test_run_config_rows_checks_and_table(toy_checkpoint, tmp_path):
         assert row.passed == (
             row.value >= row.target if row.higher_is_better else row.value <= row.target
         )
+        if row.ceiling is not None:  # nothing beats the floor: ours is never faster than it
+            assert row.ceiling >= row.value, (row, row.ceiling)
     assert "hit rate" in result.rows[-2].detail and "import torch" in result.rows[-2].detail
+    assert sum(row.ceiling is not None for row in result.rows) == len(result.rows) - 4
     # The correctness checks ran and agreed (toy weights, float32).
     assert any("per-token loop" in c for c in result.checks)
     assert all("DIFFERENT" not in c for c in result.checks), result.checks
@@ -138,3 +142,18 @@ def test_find_tiny_checkpoint_needs_config_and_weights(tmp_path):
     assert find_tiny_checkpoint(tmp_path) is None  # no weights yet: still being trained
     (tmp_path / "b" / "model.safetensors").write_bytes(b"")
     assert find_tiny_checkpoint(tmp_path) == tmp_path / "b"
+
+
+def test_forward_work_counts_flops_and_weight_bytes_by_hand(toy_checkpoint):
+    model = load_thinker(toy_checkpoint)
+    routing = {i: torch.tensor([[0, 1], [1, 2], [0, 1]]) for i in (0, 1)}  # 3 experts, 6 slots
+    work = forward_work(model, tokens=3, context=3, routing=routing, lm_head_rows=3)
+    # Per layer: q,k,v,o 32*8*(4+4+2+2) = 3072 params; causal scores + values over
+    # 0+1+2+3 = 6 (query, key) pairs: 2*2*4 heads*8*6 = 768; router 8*32; experts
+    # 3*16*32 = 1536 params, run for 6 slots, read for 3 distinct experts.
+    flops_layer = 2 * 3 * 3072 + 768 + 2 * 3 * 8 * 32 + 2 * 6 * 1536
+    bytes_layer = 3072 * 4 + 2 * 2 * 8 * 3 * 4 + (8 * 32 + 3 * 1536) * 4
+    assert work.flops == 2 * flops_layer + 2 * 3 * 64 * 32
+    assert work.bytes == 2 * bytes_layer + 64 * 32 * 4
+    rates = MachineRates(flops_per_s=1e9, bytes_per_s=1e6)
+    assert work.floor_s(rates) == max(work.flops / 1e9, work.bytes / 1e6)

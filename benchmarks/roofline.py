@@ -1,0 +1,126 @@
+"""The fastest any implementation could run a workload on this machine, from its own rates.
+
+A forward pass must do a known amount of arithmetic (FLOPs) and read a known set of
+weights (bytes). Neither can go faster than this machine's best measured rate for it, so
+
+    floor(forward) = max(FLOPs / peak FLOP rate, bytes / peak read rate)
+
+and a workload's floor is the sum over its forwards. A target ratio "ours >= r x the
+reference" is then reachable only if r <= reference time / our floor: the benchmark
+reports that ceiling next to every measured ratio. The work is counted from the
+model's own routing (which experts each forward really used), the rates are measured
+in the same process with the same threads: a float32 GEMM big enough to run at full
+speed, and matrix-vector products over weights far larger than the caches (what
+a decode step does with its weights).
+"""
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from sage_core import generate
+
+
+@dataclass(frozen=True)
+class MachineRates:
+    flops_per_s: float  # float32 GEMM, best of several runs
+    bytes_per_s: float  # weights streamed through matrix-vector products, best of several
+
+    def describe(self) -> str:
+        return (
+            f"machine rates, measured here: {self.flops_per_s / 1e9:.0f} GFLOP/s (float32 "
+            f"GEMM 1024^3), {self.bytes_per_s / 1e9:.1f} GB/s (matrix-vector over 256 MiB)"
+        )
+
+
+def measure_rates(rounds: int = 5) -> MachineRates:
+    """Best-of-`rounds` GEMM FLOP rate and weight-streaming read rate, float32."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1024, 1024, generator=gen), torch.randn(1024, 1024, generator=gen)
+    F.linear(a, b)
+    gemm = min(_seconds(lambda: F.linear(a, b)) for _ in range(rounds))
+    # 64 matrices of 1024 x 1024 float32: 256 MiB, far beyond any cache, read once each.
+    weights = torch.randn(64, 1024, 1024, generator=gen)
+    x = torch.randn(1, 1024, generator=gen)
+
+    def stream():
+        for w in weights:
+            F.linear(x, w)
+
+    stream()
+    gemv = min(_seconds(stream) for _ in range(rounds))
+    return MachineRates(2 * 1024**3 / gemm, weights.numel() * weights.element_size() / gemv)
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class Work:
+    flops: float
+    bytes: float
+
+    def floor_s(self, rates: MachineRates) -> float:
+        return max(self.flops / rates.flops_per_s, self.bytes / rates.bytes_per_s)
+
+
+def forward_work(model, tokens: int, context: int, routing: dict, lm_head_rows: int) -> Work:
+    """FLOPs and weight bytes of one forward of `tokens` new tokens after `context - tokens`
+    cached ones; `routing` is {layer: expert indices (tokens, k)} of this forward."""
+    cfg = model.config
+    size = model.model.embed_tokens.weight.element_size()
+    h, d = cfg.hidden_size, cfg.head_dim
+    attn_params = h * d * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+    # Scores and the weighted sum of values; a causal prefill sees on average half.
+    attended = tokens * (context - tokens) + tokens * (tokens + 1) / 2
+    attn_flops = 2 * 2 * cfg.num_attention_heads * d * attended
+    kv_bytes = 2 * cfg.num_key_value_heads * d * context * size
+    expert_params = 3 * cfg.moe_intermediate_size * h
+    flops = bytes_ = 0.0
+    for i in model.layer_indices:
+        flops += 2 * tokens * attn_params + attn_flops
+        bytes_ += attn_params * size + kv_bytes
+        if i in routing:
+            chosen = routing[i]
+            flops += 2 * tokens * cfg.num_experts * h + 2 * chosen.numel() * expert_params
+            distinct = torch.unique(chosen).numel()
+            bytes_ += (cfg.num_experts * h + distinct * expert_params) * size
+        else:
+            dense_params = 3 * cfg.intermediate_size * h
+            flops += 2 * tokens * dense_params
+            bytes_ += dense_params * size
+    if lm_head_rows:
+        flops += 2 * lm_head_rows * cfg.vocab_size * h
+        bytes_ += cfg.vocab_size * h * size
+    return Work(flops, bytes_)
+
+
+@torch.no_grad()
+def prefill_floor(model, input_ids, rates: MachineRates) -> float:
+    """Floor of one forward over `input_ids` with logits for every position."""
+    with model.routing_trace() as trace:
+        model(input_ids)
+    routing = {layer: calls[0][0] for layer, calls in trace.items()}
+    S = input_ids.shape[1]
+    return forward_work(model, S, S, routing, lm_head_rows=S).floor_s(rates)
+
+
+@torch.no_grad()
+def decode_floor(model, prompt_ids, new_tokens: int, rates: MachineRates) -> float:
+    """Floor of `generate(model, prompt_ids, new_tokens)`: the prompt's forward, then one
+    forward per further token, each followed by one lm-head row (the least it needs)."""
+    with model.routing_trace() as trace:
+        generate(model, prompt_ids, new_tokens)
+    forwards = len(next(iter(trace.values())))
+    total, context = 0.0, 0
+    for step in range(forwards):
+        routing = {layer: calls[step][0] for layer, calls in trace.items()}
+        tokens = prompt_ids.shape[1] if step == 0 else 1
+        context += tokens
+        total += forward_work(model, tokens, context, routing, lm_head_rows=1).floor_s(rates)
+    return total
