@@ -3,7 +3,9 @@
 - `TransformersThinker`: transformers' `Qwen3OmniMoeThinkerForConditionalGeneration`, whose
   text model is `Qwen3OmniMoeThinkerTextModel`, with one experts implementation. Its
   parameters are assigned the very tensors of our loaded model (no copy), so both sides
-  run on the same weights by construction. The thinker class is used, not a wrapper,
+  run on the same weights by construction; the expert stacks alone may be given as
+  row-major copies (`row_major_experts`), the layout transformers' own loader builds,
+  where ours stores each expert transposed. The thinker class is used, not a wrapper,
   because it is what accepts `generate()` in transformers 5.23; its audio and vision
   towers are built at a token size and never run on text input.
 - `loop_logits`: our model's forward with the MoE computed the original way, one token
@@ -52,7 +54,8 @@ def experts_implementations() -> list[str]:
 class TransformersThinker:
     """transformers' thinker on the weights of `model` (a sage_core Qwen3OmniThinker)."""
 
-    def __init__(self, model, experts_implementation: str):
+    def __init__(self, model, experts_implementation: str, experts: dict | None = None):
+        """`experts`: {model key: tensor} replacing the expert stacks (same values)."""
         text = nested_config_dict(model.config)["thinker_config"]["text_config"]
         hidden = model.config.hidden_size
         config = Qwen3OmniMoeThinkerConfig(
@@ -69,6 +72,8 @@ class TransformersThinker:
             for key, tensor in model.state_dict().items()
             if key.startswith("model.")
         }
+        for key, tensor in (experts or {}).items():
+            state["model.language_model." + key.removeprefix("model.")] = tensor
         state["lm_head.weight"] = model.lm_head.weight
         result = thinker.load_state_dict(state, strict=False, assign=True)
         text_missing = [k for k in result.missing_keys if k.startswith("model.language_model.")]
@@ -106,6 +111,16 @@ class TransformersThinker:
             min_new_tokens=max_new_tokens,
             do_sample=False,
         )
+
+
+def row_major_experts(model) -> dict:
+    """Row-major copies of the model's expert stacks: the memory layout transformers'
+    own loader produces (it stacks per-expert tensors), same values."""
+    return {
+        key: tensor.detach().contiguous()
+        for key, tensor in model.state_dict().items()
+        if key.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))
+    }
 
 
 def loop_expert_mix(block, h: torch.Tensor) -> torch.Tensor:

@@ -405,18 +405,24 @@ class ExpertSource:
         )
 
     def read_all(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stacked (gate_up [E, 2I, H], down [E, H, I]) for the resident model."""
+        """Stacked (gate_up [E, 2I, H], down [E, H, I]) for the resident model, each expert
+        stored transposed (see `transposed_stack`), filled expert by expert: no second
+        full-size copy, whatever the file layout."""
         e = self.num_experts
-        if self.fused:
-            gate_up = self._read(self.prefix + "gate_up_proj", (e, *self.gate_up_shape))
-            down = self._read(self.prefix + "down_proj", (e, *self.down_shape))
-            return _owned(gate_up, self.device, self.dtype), _owned(down, self.device, self.dtype)
-        # Fill preallocated stacks expert by expert: no second full-size copy.
-        gate_up = torch.empty((e, *self.gate_up_shape), dtype=self.dtype, device=self.device)
-        down = torch.empty((e, *self.down_shape), dtype=self.dtype, device=self.device)
+        gate_up = transposed_stack(e, *self.gate_up_shape, dtype=self.dtype, device=self.device)
+        down = transposed_stack(e, *self.down_shape, dtype=self.dtype, device=self.device)
         for expert in range(e):
             self.read_into(expert, gate_up[expert], down[expert])
         return gate_up, down
+
+
+def transposed_stack(num: int, rows: int, cols: int, dtype, device) -> torch.Tensor:
+    """An empty [num, rows, cols] tensor whose every [rows, cols] matrix is stored
+    transposed (column-major). F.linear(x, w) then multiplies by a row-major w.T: measured
+    on this project's 2-core CPU (mid config, float32), one-token decode ran 15-17% faster
+    and a 256-token prefill 2% faster than with row-major experts, for sage_core and for
+    transformers alike. Shapes, names and values are unchanged."""
+    return torch.empty(num, cols, rows, dtype=dtype, device=device).transpose(1, 2)
 
 
 def _held_only_by_caller(tensors) -> bool:
@@ -698,8 +704,9 @@ def _balanced_shards(tensors: dict[str, torch.Tensor], num_shards: int) -> list[
 
 
 def _checkpoint_tensors(state_dict, layout: str, experts: str, dtype) -> dict[str, torch.Tensor]:
-    """The model's state dict renamed (and split, for per-expert) into checkpoint keys."""
-    out = {}
+    """The model's state dict renamed (and split, for per-expert) into checkpoint keys,
+    every tensor a row-major copy (a loaded model's experts are stored transposed)."""
+    out, row_major = {}, torch.contiguous_format
     for key, tensor in state_dict.items():
         if layout == "text" and key == "lm_head.weight":
             continue  # a bare text export has no lm_head
@@ -708,16 +715,16 @@ def _checkpoint_tensors(state_dict, layout: str, experts: str, dtype) -> dict[st
             tensor = tensor.to(dtype)
         match = EXPERT_KEY.match(key)
         if match is None or experts == "fused":
-            out[file_key(key, layout)] = tensor.contiguous().clone()
+            out[file_key(key, layout)] = tensor.clone(memory_format=row_major)
             continue
         prefix = file_key(f"model.layers.{match.group(1)}.mlp.experts.", layout)
         for e, weight in enumerate(tensor):
             if match.group(2) == "down_proj":
-                out[f"{prefix}{e}.down_proj.weight"] = weight.clone()
+                out[f"{prefix}{e}.down_proj.weight"] = weight.clone(memory_format=row_major)
             else:
                 gate, up = weight.chunk(2, dim=0)  # gate rows first, then up
-                out[f"{prefix}{e}.gate_proj.weight"] = gate.clone()
-                out[f"{prefix}{e}.up_proj.weight"] = up.clone()
+                out[f"{prefix}{e}.gate_proj.weight"] = gate.clone(memory_format=row_major)
+                out[f"{prefix}{e}.up_proj.weight"] = up.clone(memory_format=row_major)
     return out
 
 

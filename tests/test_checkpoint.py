@@ -443,3 +443,25 @@ def test_memory_estimate_matches_what_the_loader_holds(ckpt, layers, bound):
         assert est["resident"] == params + cached
     if layers is None and bound is None:
         assert est["thinker"] == params
+
+
+@pytest.mark.parametrize("experts", ["per_expert", "fused"])
+def test_resident_experts_are_stored_transposed_with_the_same_values(tmp_path, experts):
+    state = random_state()
+    save_thinker_checkpoint(state, CFG, tmp_path, experts=experts)
+    model = load_thinker(tmp_path)
+    inter, H = CFG.moe_intermediate_size, CFG.hidden_size
+    for i in range(CFG.num_hidden_layers):
+        gate_up = model.model.layers[str(i)].mlp.experts.gate_up_proj
+        down = model.model.layers[str(i)].mlp.experts.down_proj
+        assert gate_up.shape == (CFG.num_experts, 2 * inter, H)
+        assert gate_up.stride() == (2 * inter * H, 1, 2 * inter)  # each expert column-major
+        assert down.stride() == (H * inter, 1, H)
+        torch.testing.assert_close(gate_up, state[f"model.layers.{i}.mlp.experts.gate_up_proj"])
+        torch.testing.assert_close(down, state[f"model.layers.{i}.mlp.experts.down_proj"])
+    # Saving what was loaded writes the same checkpoint tensors (contiguous, row-major).
+    save_thinker_checkpoint(model.state_dict(), CFG, tmp_path / "again", experts=experts)
+    for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        with safe_open(tmp_path / name, "pt") as a, safe_open(tmp_path / "again" / name, "pt") as b:
+            for key in a.keys():
+                assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
