@@ -123,22 +123,34 @@ def row_major_experts(model) -> dict:
     }
 
 
-def loop_expert_mix(block, h: torch.Tensor) -> torch.Tensor:
-    """The original MoE: for each token, for each of its top-k experts, run that expert."""
+def loop_expert_mix(block, h: torch.Tensor, experts: dict | None = None) -> torch.Tensor:
+    """The original MoE: for each token, for each of its top-k experts, run that expert.
+
+    `experts`: {model key: stack} to take the weights from (e.g. `row_major_experts`, the
+    layout of the original per-expert nn.Linear weights) instead of the block's own."""
     flat = h.reshape(-1, h.shape[-1])
     router_logits = F.linear(flat, block.gate.weight)
     indices, weights = block.selector(router_logits, block.layer_idx, flat)
+    if experts is None:
+        expert = block.experts.expert
+    else:
+        prefix = f"model.layers.{block.layer_idx}.mlp.experts."
+        gate_ups, downs = experts[prefix + "gate_up_proj"], experts[prefix + "down_proj"]
+
+        def expert(e):
+            return gate_ups[e], downs[e]
+
     out = torch.zeros_like(flat)
     for t, (token_experts, token_weights) in enumerate(zip(indices.tolist(), weights)):
         for e, w in zip(token_experts, token_weights):
-            gate_up, down = block.experts.expert(e)
+            gate_up, down = expert(e)
             gate, up = F.linear(flat[t], gate_up).chunk(2)
             out[t] += w * F.linear(F.silu(gate) * up, down)
     return out.view_as(h)
 
 
 @torch.no_grad()
-def loop_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+def loop_logits(model, input_ids: torch.Tensor, experts: dict | None = None) -> torch.Tensor:
     """Our model's prefill with `loop_expert_mix` in place of its grouped experts."""
     B, S = input_ids.shape
     x = model.model.embed_tokens(input_ids)
@@ -148,5 +160,5 @@ def loop_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
         layer = model.model.layers[str(i)]
         x = x + layer.self_attn(layer.input_layernorm(x), cos, sin)
         h = layer.post_attention_layernorm(x)
-        x = x + (loop_expert_mix(layer.mlp, h) if layer.is_sparse else layer.mlp(h))
+        x = x + (loop_expert_mix(layer.mlp, h, experts) if layer.is_sparse else layer.mlp(h))
     return model.lm_head(model.model.norm(x))

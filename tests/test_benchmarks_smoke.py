@@ -18,7 +18,11 @@ pytest.importorskip("transformers.models.qwen3_omni_moe")
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.references import TransformersThinker, loop_logits  # noqa: E402
+from benchmarks.references import (  # noqa: E402
+    TransformersThinker,
+    loop_logits,
+    row_major_experts,
+)
 from benchmarks.report import COLUMNS, markdown_table, results_markdown, write_atomic  # noqa: E402
 from benchmarks.roofline import MachineRates, forward_work  # noqa: E402
 from benchmarks.suite import (  # noqa: E402
@@ -92,7 +96,7 @@ def test_run_config_rows_checks_and_table(toy_checkpoint, tmp_path):
     assert "hit rate" in result.rows[-2].detail and "import torch" in result.rows[-2].detail
     assert sum(row.ceiling is not None for row in result.rows) == len(result.rows) - 4
     # The correctness checks ran and agreed (toy weights, float32).
-    assert any("per-token loop" in c for c in result.checks)
+    assert sum("per-token per-expert loop" in c for c in result.checks) == 2
     assert all("DIFFERENT" not in c for c in result.checks), result.checks
 
     table = markdown_table(result.rows).splitlines()
@@ -116,6 +120,13 @@ def test_references_run_on_the_same_weights(toy_checkpoint):
     assert ours.abs().max() > 0.1  # the comparison below means something
     torch.testing.assert_close(ref.logits(ids), ours, atol=1e-5, rtol=0)
     torch.testing.assert_close(loop_logits(model, ids), ours, atol=1e-5, rtol=0)
+    # The references' own (row-major) expert layout: same values, another memory order.
+    row_major = row_major_experts(model)
+    assert row_major and all(t.is_contiguous() for t in row_major.values())
+    own = TransformersThinker(model, "eager", experts=row_major)
+    assert own.thinker.lm_head.weight is model.lm_head.weight
+    torch.testing.assert_close(own.logits(ids), ours, atol=1e-5, rtol=0)
+    torch.testing.assert_close(loop_logits(model, ids, row_major), ours, atol=1e-5, rtol=0)
     assert ref.generate(ids, 3).shape == (1, 13)
 
 
@@ -123,8 +134,10 @@ def test_mismatched_reference_stops_the_benchmark(toy_checkpoint, monkeypatch):
     import benchmarks.suite as suite
 
     real = suite.loop_logits
-    monkeypatch.setattr(suite, "loop_logits", lambda model, ids: real(model, ids) + 1.0)
-    with pytest.raises(BenchmarkMismatch, match="per-token loop"):
+    monkeypatch.setattr(
+        suite, "loop_logits", lambda model, ids, experts=None: real(model, ids, experts) + 1.0
+    )
+    with pytest.raises(BenchmarkMismatch, match="per-token per-expert loop"):
         run_config("toy", toy_checkpoint, TOY_WORK, log=lambda *a: None)
 
 
