@@ -13,6 +13,7 @@ from sage_core.moe import (
     gathered_expert_mix,
     grouped_expert_mix,
     load_balancing_loss,
+    single_token_expert_mix,
 )
 
 E, H, INTER = 8, 32, 16
@@ -69,7 +70,21 @@ def test_grouped_and_gathered_experts_equal_a_per_token_loop(T, k):
         expected = naive_mix(x, indices, weights, experts)
         torch.testing.assert_close(grouped_expert_mix(x, indices, weights, experts), expected)
         torch.testing.assert_close(gathered_expert_mix(x, indices, weights, experts), expected)
+        if T == 1:
+            single = single_token_expert_mix(x, indices, weights, experts)
+            torch.testing.assert_close(single, expected)
     assert expected.abs().max() > 0.1
+
+
+@pytest.mark.parametrize("bad", [E, -1])
+def test_an_expert_index_out_of_range_is_a_clear_error_on_every_path(bad):
+    experts = random_experts()
+    x = torch.randn(1, H)
+    indices, weights = torch.tensor([[0, bad]]), torch.rand(1, 2)
+    with torch.no_grad(), pytest.raises(ValueError, match=f"layer has {E}"):
+        single_token_expert_mix(x, indices, weights, experts)
+    with torch.no_grad(), pytest.raises((ValueError, RuntimeError)):
+        grouped_expert_mix(x, indices, weights, experts)
 
 
 def test_grouped_experts_with_autograd_equal_the_inference_path_and_have_gradients():
