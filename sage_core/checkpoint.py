@@ -405,24 +405,28 @@ class ExpertSource:
         )
 
     def read_all(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stacked (gate_up [E, 2I, H], down [E, H, I]) for the resident model, each expert
-        stored transposed (see `transposed_stack`), filled expert by expert: no second
-        full-size copy, whatever the file layout."""
+        """Stacked (gate_up [E, 2I, H], down [E, H, I]) for the resident model, filled expert
+        by expert (no second full-size copy, whatever the file layout); on CPU each expert
+        is stored transposed (see `expert_stack`)."""
         e = self.num_experts
-        gate_up = transposed_stack(e, *self.gate_up_shape, dtype=self.dtype, device=self.device)
-        down = transposed_stack(e, *self.down_shape, dtype=self.dtype, device=self.device)
+        gate_up = expert_stack(e, *self.gate_up_shape, dtype=self.dtype, device=self.device)
+        down = expert_stack(e, *self.down_shape, dtype=self.dtype, device=self.device)
         for expert in range(e):
             self.read_into(expert, gate_up[expert], down[expert])
         return gate_up, down
 
 
-def transposed_stack(num: int, rows: int, cols: int, dtype, device) -> torch.Tensor:
-    """An empty [num, rows, cols] tensor whose every [rows, cols] matrix is stored
-    transposed (column-major). F.linear(x, w) then multiplies by a row-major w.T: measured
-    on this project's 2-core CPU (mid config, float32), one-token decode ran 15-17% faster
-    and a 256-token prefill 2% faster than with row-major experts, for sage_core and for
-    transformers alike. Shapes, names and values are unchanged."""
-    return torch.empty(num, cols, rows, dtype=dtype, device=device).transpose(1, 2)
+def expert_stack(num: int, rows: int, cols: int, dtype, device) -> torch.Tensor:
+    """An empty [num, rows, cols] stack of expert matrices.
+
+    On CPU every [rows, cols] matrix is stored transposed (column-major), so F.linear(x, w)
+    multiplies by a row-major w.T: on this project's 2-core CPU (mid config, float32) a
+    one-token decode ran 15-17% faster, and a 256-token prefill 2% faster, than with
+    row-major experts, for sage_core and transformers alike. Elsewhere (unmeasured, e.g. the
+    CUDA gather path) the usual row-major layout. Shapes, names and values are the same."""
+    if torch.device(device).type == "cpu":
+        return torch.empty(num, cols, rows, dtype=dtype, device=device).transpose(1, 2)
+    return torch.empty(num, rows, cols, dtype=dtype, device=device)
 
 
 def _held_only_by_caller(tensors) -> bool:

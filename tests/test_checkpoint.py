@@ -465,3 +465,10 @@ def test_resident_experts_are_stored_transposed_with_the_same_values(tmp_path, e
         with safe_open(tmp_path / name, "pt") as a, safe_open(tmp_path / "again" / name, "pt") as b:
             for key in a.keys():
                 assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
+
+
+def test_expert_stack_is_transposed_on_cpu_only():
+    cpu = checkpoint.expert_stack(3, 4, 5, dtype=torch.float32, device="cpu")
+    other = checkpoint.expert_stack(3, 4, 5, dtype=torch.float32, device="meta")
+    assert cpu.shape == other.shape == (3, 4, 5)
+    assert cpu.stride() == (20, 1, 4) and other.stride() == (20, 5, 1)
