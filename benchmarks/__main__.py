@@ -72,6 +72,9 @@ def main(argv=None) -> int:
         "max(FLOPs / peak GEMM rate, weight bytes / peak read rate) per forward, with both",
         "rates measured in this run and the work counted from the experts each forward",
         "really used (benchmarks/roofline.py). No implementation can beat the ceiling here.",
+        "\"ceiling, same products\" is the reference's time over the time of sage_core's own",
+        "matrix products alone, replayed back to back on the same tensors: the limit for any",
+        "implementation that computes the same per-expert products (the grouped design).",
         "",
         f"- {rates.describe()}",
         f"- torch {torch.__version__}, transformers {transformers.__version__}, "

@@ -13,6 +13,7 @@ COLUMNS = (
     "measured",
     "spread (min-max)",
     "ceiling here",
+    "ceiling, same products",
     "pass",
 )
 
@@ -28,6 +29,7 @@ def _cells(row: Row) -> tuple[str, ...]:
         f"{row.value:.{digits}f}{row.unit}",
         spread,
         "-" if row.ceiling is None else f"{row.ceiling:.2f}x",
+        "-" if row.gemm_ceiling is None else f"{row.gemm_ceiling:.2f}x",
         "PASS" if row.passed else "FAIL",
     )
 

@@ -14,11 +14,13 @@ speed, and matrix-vector products over weights far larger than the caches (what
 a decode step does with its weights).
 """
 
+import statistics
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sage_core import generate
 
@@ -124,3 +126,36 @@ def decode_floor(model, prompt_ids, new_tokens: int, rates: MachineRates) -> flo
         context += tokens
         total += forward_work(model, tokens, context, routing, lm_head_rows=1).floor_s(rates)
     return total
+
+
+class _RecordMatmuls(TorchDispatchMode):
+    """Records every matrix product (with its very tensors) that runs under it."""
+
+    OPS = {"mm", "addmm", "bmm", "baddbmm", "mv", "addmv"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.overloadpacket.__name__ in self.OPS:
+            self.calls.append((func, args, kwargs))
+        return func(*args, **kwargs)
+
+
+@torch.no_grad()
+def matmul_replay_s(fn, rounds: int = 5) -> float:
+    """Seconds that the matrix products `fn()` issues take alone, replayed back to back
+    on the same tensors (median of `rounds`): what any implementation issuing the same
+    products, with zero other work, would take on this machine."""
+    with _RecordMatmuls() as recorder:
+        fn()
+    calls = recorder.calls
+
+    def replay():
+        for func, args, kwargs in calls:
+            func(*args, **kwargs)
+
+    replay()
+    return statistics.median(_seconds(replay) for _ in range(rounds))

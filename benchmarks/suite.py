@@ -13,7 +13,13 @@ from benchmarks.references import (
     loop_logits,
     row_major_experts,
 )
-from benchmarks.roofline import MachineRates, decode_floor, measure_rates, prefill_floor
+from benchmarks.roofline import (
+    MachineRates,
+    decode_floor,
+    matmul_replay_s,
+    measure_rates,
+    prefill_floor,
+)
 from benchmarks.rss import measure_rss
 from benchmarks.timing import Ratio, interleaved, paired_rounds, time_call
 from sage_core import generate, load_thinker
@@ -82,6 +88,9 @@ class Row:
     # For a speed ratio: the reference's time over the workload's floor on this machine
     # (benchmarks.roofline), the largest ratio any implementation could reach here.
     ceiling: float | None = None
+    # The reference's time over the time of our own matrix products alone, replayed: the
+    # largest ratio for any implementation that issues the same products (same shapes).
+    gemm_ceiling: float | None = None
 
     @property
     def passed(self) -> bool:
@@ -132,12 +141,15 @@ def find_tiny_checkpoint(models_dir: Path = MODELS) -> Path | None:
     return None
 
 
-def _ratio_row(config, measure, reference, target, ratio: Ratio, tokens: int, floor_s) -> Row:
+def _ratio_row(
+    config, measure, reference, target, ratio: Ratio, tokens: int, floor_s, gemm_s
+) -> Row:
     ours, ref = ratio.ours.median, ratio.reference.median
     detail = (
         f"sage_core {tokens / ours:,.0f} tok/s ({ours * 1e3:.0f} ms), "
         f"reference {tokens / ref:,.0f} tok/s ({ref * 1e3:.0f} ms), "
-        f"floor {floor_s * 1e3:.1f} ms (sage_core at {floor_s / ours:.0%} of the best possible)"
+        f"floor {floor_s * 1e3:.1f} ms (sage_core at {floor_s / ours:.0%} of the best possible), "
+        f"our matrix products alone {gemm_s * 1e3:.1f} ms ({gemm_s / ours:.0%} of our time)"
     )
     return Row(
         config,
@@ -150,6 +162,7 @@ def _ratio_row(config, measure, reference, target, ratio: Ratio, tokens: int, fl
         ratio.high,
         detail,
         ceiling=ref / floor_s,
+        gemm_ceiling=ref / gemm_s,
     )
 
 
@@ -245,6 +258,11 @@ def run_config(
         f"floors ({rates.describe()}): prefill {floors['prefill'] * 1e3:.1f} ms, "
         f"decode {floors['decode'] * 1e3:.1f} ms"
     )
+    gemms = {"prefill": matmul_replay_s(prefill), "decode": matmul_replay_s(decode)}
+    result.checks.append(
+        f"our matrix products alone, replayed: prefill {gemms['prefill'] * 1e3:.1f} ms, "
+        f"decode {gemms['decode'] * 1e3:.1f} ms"
+    )
 
     def measure(kind, key, reference):
         return paired_rounds(
@@ -269,13 +287,23 @@ def run_config(
                 ratio,
                 prefill_len,
                 floors["prefill"],
+                gemms["prefill"],
             )
         )
     for label, loop in loops.items():
         log(f"[{name}] prefill ({prefill_len} tokens) vs the {label}")
         ratio = measure("prefill", label, loop)
         result.rows.append(
-            _ratio_row(name, "prefill tok/s", label, 10.0, ratio, prefill_len, floors["prefill"])
+            _ratio_row(
+                name,
+                "prefill tok/s",
+                label,
+                10.0,
+                ratio,
+                prefill_len,
+                floors["prefill"],
+                gemms["prefill"],
+            )
         )
     for impl, ref in references.items():
         log(f"[{name}] decode ({work.decode_new} new tokens) vs transformers generate {impl}")
@@ -289,6 +317,7 @@ def run_config(
                 ratio,
                 work.decode_new,
                 floors["decode"],
+                gemms["decode"],
             )
         )
 

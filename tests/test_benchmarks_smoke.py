@@ -24,7 +24,12 @@ from benchmarks.references import (  # noqa: E402
     row_major_experts,
 )
 from benchmarks.report import COLUMNS, markdown_table, results_markdown, write_atomic  # noqa: E402
-from benchmarks.roofline import MachineRates, forward_work  # noqa: E402
+from benchmarks.roofline import (  # noqa: E402
+    MachineRates,
+    _RecordMatmuls,
+    forward_work,
+    matmul_replay_s,
+)
 from benchmarks.suite import (  # noqa: E402
     BenchmarkMismatch,
     Workload,
@@ -93,6 +98,8 @@ def test_run_config_rows_checks_and_table(toy_checkpoint, tmp_path):
         )
         if row.ceiling is not None:  # nothing beats the floor: ours is never faster than it
             assert row.ceiling >= row.value, (row, row.ceiling)
+            # our products alone take less than our whole forward
+            assert row.gemm_ceiling >= row.value, (row, row.gemm_ceiling)
     assert "hit rate" in result.rows[-2].detail and "import torch" in result.rows[-2].detail
     assert sum(row.ceiling is not None for row in result.rows) == len(result.rows) - 4
     # The correctness checks ran and agreed (toy weights, float32).
@@ -170,3 +177,20 @@ def test_forward_work_counts_flops_and_weight_bytes_by_hand(toy_checkpoint):
     assert work.bytes == 2 * bytes_layer + 64 * 32 * 4
     rates = MachineRates(flops_per_s=1e9, bytes_per_s=1e6)
     assert work.floor_s(rates) == max(work.flops / 1e9, work.bytes / 1e6)
+
+
+def test_matmul_replay_records_exactly_the_products_and_times_them():
+    a, b = torch.randn(8, 16), torch.randn(16, 4)
+    out = torch.empty(8, 4)
+
+    def work():
+        torch.mm(a, b, out=out)
+        torch.nn.functional.linear(a, b.t())  # addmm/mm underneath
+        torch.bmm(a[None], b[None])
+        (a * 2).sum()  # not a product: not replayed
+
+    with _RecordMatmuls() as recorder:
+        work()
+    names = [func.overloadpacket.__name__ for func, _, _ in recorder.calls]
+    assert len(names) == 3 and set(names) <= _RecordMatmuls.OPS and "bmm" in names
+    assert matmul_replay_s(work) > 0
