@@ -65,9 +65,12 @@ def main(argv=None) -> int:
     rows = [row for result in results for row in result.rows]
     header = [
         f"Command: `{COMMAND}`. Every figure is a ratio against a reference run measured in",
-        "the same process on the same weight tensors (peak RSS: fresh subprocesses, one per",
-        "setting). Timed rounds are interleaved; the ratio is the median of per-round",
-        "ratios, the spread their range. Absolute times are in the sections below.",
+        "the same process on the same weights (peak RSS: fresh subprocesses, one per",
+        "setting): the very tensors, except that transformers and the original loop hold",
+        "row-major copies of the expert stacks (their own layout; ours are stored transposed),",
+        "and one more row each runs them on ours. Timed rounds are interleaved; the ratio is",
+        "the median of per-round ratios, the spread their range. Absolute times are in the",
+        "sections below.",
         "\"ceiling here\" is the reference's time over the workload's floor on this machine:",
         "max(FLOPs / peak GEMM rate, weight bytes / peak read rate) per forward, with both",
         "rates measured in this run and the work counted from the experts each forward",
