@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sage_core import moe
 from sage_core.config import ThinkerTextConfig
 from sage_core.model import Qwen3OmniThinker
 from sage_core.moe import (
@@ -102,6 +103,24 @@ def test_grouped_experts_with_autograd_equal_the_inference_path_and_have_gradien
     torch.testing.assert_close(x.grad, grads[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(experts.down_proj.grad, grads[1], rtol=1e-4, atol=1e-4)
     assert experts.down_proj.grad.abs().max() > 0
+
+
+def test_reused_cpu_buffers_never_leak_one_call_into_the_next():
+    experts = random_experts()
+    moe.release_workspace()
+    results, pointers = [], set()
+    for T in (30, 4, 30, 17):  # grow, shrink, grow back: the buffer is reused, never resized down
+        x = torch.randn(T, H, generator=torch.Generator().manual_seed(T))
+        indices, weights = random_choice(T, 3, seed=T)
+        with torch.no_grad():
+            out = grouped_expert_mix(x, indices, weights, experts)
+        pointers.add(moe._WORKSPACE.buffers[("ys", torch.float32)].data_ptr())
+        results.append(out)
+        torch.testing.assert_close(out, naive_mix(x, indices, weights, experts))
+    assert len(pointers) == 1
+    assert torch.equal(results[0], results[2])  # same input, same bits, after other calls
+    moe.release_workspace()
+    assert moe._WORKSPACE.buffers == {}
 
 
 def test_grouped_experts_run_one_matmul_pair_per_used_expert():
