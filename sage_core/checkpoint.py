@@ -434,10 +434,15 @@ def _held_only_by_caller(tensors) -> bool:
     no other Python reference, no view, no tensor saved for autograd."""
     for t in tensors:
         # References here: the tuple, the loop variable and getrefcount's own argument.
-        if not isinstance(t, torch.Tensor) or sys.getrefcount(t) > 3 or t._use_count() != 1:
+        if not isinstance(t, torch.Tensor) or sys.getrefcount(t) > 3:
             return False
-        # One storage reference from the tensor, one from untyped_storage()'s handle.
-        if torch._C._storage_Use_Count(t.untyped_storage()._cdata) != 2:
+        try:  # private counters (torch 2.x); without them, never recycle
+            if t._use_count() != 1:
+                return False
+            # One storage reference from the tensor, one from untyped_storage()'s handle.
+            if torch._C._storage_Use_Count(t.untyped_storage()._cdata) != 2:
+                return False
+        except AttributeError:
             return False
     return True
 
