@@ -394,8 +394,11 @@ class ExpertSource:
         if into is not None and self._fits(*into):
             gate_up, down = into
         else:
-            gate_up = torch.empty(self.gate_up_shape, dtype=self.dtype, device=self.device)
-            down = torch.empty(self.down_shape, dtype=self.dtype, device=self.device)
+            # Normal tensors even under inference_mode, so a later call under no_grad
+            # may still read the next expert into them.
+            with torch.inference_mode(False):
+                gate_up = torch.empty(self.gate_up_shape, dtype=self.dtype, device=self.device)
+                down = torch.empty(self.down_shape, dtype=self.dtype, device=self.device)
         return (gate_up, down), self.read_into(expert, gate_up, down)
 
     def _fits(self, gate_up, down) -> bool:
@@ -436,6 +439,8 @@ def _held_only_by_caller(tensors) -> bool:
         # References here: the tuple, the loop variable and getrefcount's own argument.
         if not isinstance(t, torch.Tensor) or sys.getrefcount(t) > 3:
             return False
+        if t.is_inference() and not torch.is_inference_mode_enabled():
+            return False  # not writable here
         try:  # private counters (torch 2.x); without them, never recycle
             if t._use_count() != 1:
                 return False

@@ -142,7 +142,10 @@ def _buffer(name: str, rows: int, like: torch.Tensor) -> torch.Tensor:
     key = (name, like.dtype)
     buffer = _WORKSPACE.buffers.get(key)
     if buffer is None or buffer.numel() < rows * cols:
-        buffer = _WORKSPACE.buffers[key] = like.new_empty(rows * cols)
+        # A normal tensor even under inference_mode: an inference tensor could not be
+        # written in place by a later call under no_grad.
+        with torch.inference_mode(False):
+            buffer = _WORKSPACE.buffers[key] = like.new_empty(rows * cols)
     return buffer[: rows * cols].view(rows, cols)
 
 

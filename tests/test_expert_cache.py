@@ -215,3 +215,22 @@ def test_an_evicted_expert_someone_still_holds_is_never_overwritten(tmp_path):
     stats = cache.stats()
     # Evictions of 0, 1 and 2 found them held; the later ones (3 and 4, released) recycle.
     assert stats["evictions"] == 5 and stats["recycled"] == 2
+
+
+@pytest.mark.parametrize("file_dtype", [torch.float32, torch.bfloat16])
+def test_recycling_works_across_inference_mode_and_no_grad(tmp_path, file_dtype):
+    """bf16 in the file converts through copy_, which an inference tensor would refuse
+    outside inference_mode: cached buffers are always normal tensors."""
+    state = write_experts(tmp_path, "per_expert", file_dtype)
+    reader = SafetensorsReader(tmp_path)
+    source = ExpertSource(reader, "thinker.model.layers.0.mlp.experts.", CFG, torch.float32, "cpu")
+    cache = ExpertCache(2)
+    provider = OnDemandExperts(0, source, cache)
+    for e, mode in zip([0, 1, 2, 3, 4, 0], [torch.inference_mode, torch.no_grad] * 3):
+        with mode():
+            gate_up, down = provider.expert(e)
+            want = _want(state, e)
+            want = tuple(w.to(file_dtype).float() for w in want)
+            torch.testing.assert_close((gate_up, down), want, rtol=0, atol=0)
+            del gate_up, down
+    assert cache.stats()["recycled"] == 4

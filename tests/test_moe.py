@@ -123,6 +123,18 @@ def test_reused_cpu_buffers_never_leak_one_call_into_the_next():
     assert moe._WORKSPACE.buffers == {}
 
 
+def test_reused_buffers_work_across_inference_mode_and_no_grad():
+    experts = random_experts()
+    x = torch.randn(6, H, generator=torch.Generator().manual_seed(6))
+    indices, weights = random_choice(6, 2, seed=6)
+    expected = naive_mix(x, indices, weights, experts).detach()
+    moe.release_workspace()
+    for mode in (torch.inference_mode, torch.no_grad, torch.inference_mode, torch.no_grad):
+        with mode():
+            torch.testing.assert_close(grouped_expert_mix(x, indices, weights, experts), expected)
+    moe.release_workspace()
+
+
 def test_grouped_experts_run_one_matmul_pair_per_used_expert():
     class Counting(nn.Module):
         def __init__(self, inner):
