@@ -351,16 +351,6 @@ class ExpertSource:
             for name, shape in (("gate", (i, h)), ("up", (i, h)), ("down", (h, i))):
                 _check_header(self.reader, f"{self.prefix}{expert}.{name}_proj.weight", shape)
 
-    def _read(self, key: str, shape, index: int | None = None) -> torch.Tensor:
-        tensor = self.reader.read(key, index)
-        if tuple(tensor.shape) != tuple(shape):  # the file changed since the header check
-            where = key if index is None else f"{key}[{index}]"
-            raise CheckpointError(
-                f"{self.reader.path_of(key)}: tensor {where!r} has shape {list(tensor.shape)}, "
-                f"expected {list(shape)}"
-            )
-        return tensor
-
     def _read_into(self, key: str, out: torch.Tensor, index: int | None = None) -> int:
         shape, _ = self.reader.header(key)
         if index is not None:
