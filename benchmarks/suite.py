@@ -3,6 +3,7 @@
 import statistics
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -264,8 +265,11 @@ def run_config(
         f"decode {gemms['decode'] * 1e3:.1f} ms"
     )
 
-    def measure(kind, key, reference):
-        return paired_rounds(
+    tokens = {"prefill": prefill_len, "decode": work.decode_new}
+
+    def timed_row(kind, key, reference_label, target, reference):
+        """Interleaved rounds of ours and `reference` for `kind`, as one table row."""
+        ratio = paired_rounds(
             prefill if kind == "prefill" else decode,
             reference,
             first_call[(kind, key)],
@@ -273,53 +277,24 @@ def run_config(
             work.min_rounds,
             work.max_rounds,
         )
+        measure = f"{kind} tok/s"
+        row = _ratio_row(
+            name, measure, reference_label, target, ratio, tokens[kind], floors[kind], gemms[kind]
+        )
+        result.rows.append(row)
 
     for impl, ref in references.items():
         log(f"[{name}] prefill ({prefill_len} tokens) vs transformers experts={impl}")
-        ratio = measure("prefill", impl, lambda ref=ref: ref.logits(prefill_ids))
         target = 1.2 if impl.startswith("eager") else 1.0
-        result.rows.append(
-            _ratio_row(
-                name,
-                "prefill tok/s",
-                f"transformers experts={impl}",
-                target,
-                ratio,
-                prefill_len,
-                floors["prefill"],
-                gemms["prefill"],
-            )
-        )
+        reference = partial(ref.logits, prefill_ids)
+        timed_row("prefill", impl, f"transformers experts={impl}", target, reference)
     for label, loop in loops.items():
         log(f"[{name}] prefill ({prefill_len} tokens) vs the {label}")
-        ratio = measure("prefill", label, loop)
-        result.rows.append(
-            _ratio_row(
-                name,
-                "prefill tok/s",
-                label,
-                10.0,
-                ratio,
-                prefill_len,
-                floors["prefill"],
-                gemms["prefill"],
-            )
-        )
+        timed_row("prefill", label, label, 10.0, loop)
     for impl, ref in references.items():
         log(f"[{name}] decode ({work.decode_new} new tokens) vs transformers generate {impl}")
-        ratio = measure("decode", impl, lambda ref=ref: ref.generate(prompt_ids, work.decode_new))
-        result.rows.append(
-            _ratio_row(
-                name,
-                "decode tok/s",
-                f"transformers generate experts={impl}",
-                1.5,
-                ratio,
-                work.decode_new,
-                floors["decode"],
-                gemms["decode"],
-            )
-        )
+        reference = partial(ref.generate, prompt_ids, work.decode_new)
+        timed_row("decode", impl, f"transformers generate experts={impl}", 1.5, reference)
 
     result.rows.extend(_trust_rows(name, model, prefill, work, log))
     result.rows.extend(_rss_rows(result, cfg, checkpoint, work, log))
