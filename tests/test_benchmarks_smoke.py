@@ -194,3 +194,12 @@ def test_matmul_replay_records_exactly_the_products_and_times_them():
     names = [func.overloadpacket.__name__ for func, _, _ in recorder.calls]
     assert len(names) == 3 and set(names) <= _RecordMatmuls.OPS and "bmm" in names
     assert matmul_replay_s(work) > 0
+
+
+def test_expert_threads_experiment_reports_both_ratios(capsys):
+    from benchmarks.expert_threads import main
+
+    main(rounds=1)
+    lines = capsys.readouterr().out.splitlines()
+    ratios = [float(line.split(" are ")[1].split("x")[0]) for line in lines if " are " in line]
+    assert len(ratios) == 2 and all(math.isfinite(r) and r > 0 for r in ratios)
