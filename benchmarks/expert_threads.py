@@ -6,19 +6,19 @@ worker threads could run whole experts with single-threaded GEMMs. On the mid co
 expert shapes that alone is much faster. In a model it is not: between the expert phases
 the other ops run multi-threaded, and after each such op OpenMP's team threads keep
 spinning for the next one, taking a core from the workers. This script measures both
-cases as ratios in one process:
+cases as ratios of interleaved rounds in one process:
 
     python -m benchmarks.expert_threads
 """
 
-import statistics
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
 
 from benchmarks.suite import MID
+from benchmarks.timing import interleaved, speedup
+from sage_core.moe import _expert_ffn
 
 ROWS_PER_EXPERT = 16  # a 256-token prefill at top-8 over 128 experts
 
@@ -43,8 +43,7 @@ def main(rounds: int = 11) -> None:
         with torch.no_grad():  # grad mode is per thread
             for e in chosen:
                 rows = slice(e * ROWS_PER_EXPERT, (e + 1) * ROWS_PER_EXPERT)
-                g, u = F.linear(xs[rows], gate_up[layer][e]).chunk(2, dim=-1)
-                torch.mm(F.silu(g).mul_(u), down[layer][e].t(), out=ys[rows])
+                _expert_ffn(xs[rows], gate_up[layer][e], down[layer][e], out=ys[rows])
 
     def other_ops():  # multi-threaded non-expert work, as attention and norms are
         y = hidden
@@ -62,24 +61,22 @@ def main(rounds: int = 11) -> None:
             else:
                 experts(layer, range(E))
 
-    def seconds(split, with_other_ops):
-        forward(split, with_other_ops)
-        times = []
-        for _ in range(rounds):
-            start = time.perf_counter()
-            forward(split, with_other_ops)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
     print(f"{threads} torch threads; {layers} layers x {E} experts x {ROWS_PER_EXPERT} rows")
     for with_other_ops in (False, True):
-        one_by_one = seconds(False, with_other_ops)
-        split = seconds(True, with_other_ops)
+        samples = interleaved(
+            {
+                "one by one": lambda: forward(False, with_other_ops),  # noqa: B023 (run here)
+                "split": lambda: forward(True, with_other_ops),  # noqa: B023
+            },
+            warmup=1,
+            repeats=rounds,
+        )
+        ratio = speedup(samples["split"], samples["one by one"])
         what = "with multi-threaded ops between layers" if with_other_ops else "products alone"
         print(
             f"{what}: experts over {threads} single-threaded workers are "
-            f"{one_by_one / split:.2f}x as fast as one by one "
-            f"({split * 1e3:.1f} vs {one_by_one * 1e3:.1f} ms)"
+            f"{ratio.value:.2f}x as fast as one by one (rounds {ratio.low:.2f}-{ratio.high:.2f}; "
+            f"{ratio.ours.median * 1e3:.1f} vs {ratio.reference.median * 1e3:.1f} ms)"
         )
     pool.shutdown()
 

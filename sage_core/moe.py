@@ -89,8 +89,8 @@ def grouped_expert_mix(x, indices, weights, experts) -> torch.Tensor:
     Experts are requested one at a time and released before the next is asked for.
     """
     # Experts run one after another, each GEMM over all torch threads. Whole experts on
-    # single-threaded worker threads make the products alone 1.4-1.6x faster on 2 cores,
-    # but amid a model's other ops 0.88-1.05x: OpenMP's threads keep spinning after every
+    # single-threaded worker threads make the products alone 1.2-1.3x faster on 2 cores,
+    # but amid a model's other ops 0.92-0.97x: OpenMP's threads keep spinning after every
     # multi-threaded op and take a core from the workers (`python -m benchmarks.expert_threads`).
     T, k = indices.shape
     flat = indices.reshape(-1)
