@@ -21,6 +21,7 @@ run: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check sage_core tests benchmarks
+	$(PY) -m ruff format --check sage_core tests benchmarks
 
 test: $(STAMP) lint
 	$(PY) -m pytest tests -m "not slow" -q

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from benchmarks.suite import MID
 from benchmarks.timing import interleaved, speedup
-from sage_core.moe import _expert_ffn
+from sage_core.model.moe import _expert_ffn
 
 ROWS_PER_EXPERT = 16  # a 256-token prefill at top-8 over 128 experts
 

@@ -22,7 +22,7 @@ from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import (
     Qwen3OmniMoeThinkerConfig,
 )
 
-from sage_core.config import nested_config_dict
+from sage_core.model.config import nested_config_dict
 
 # Token-sized towers: the thinker class insists on having them, text input never runs them.
 TINY_AUDIO = dict(

@@ -81,7 +81,9 @@ def run_workload(checkpoint: str, max_resident: int | None, prompt: int, decode:
 
 def measure_rss(checkpoint, settings: dict, prompt: int, decode: int, seed: int) -> dict:
     """{name: workload result} for settings {name: max_resident_experts or None}."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
     results = {}
     for name, bound in settings.items():
         cmd = [sys.executable, "-m", "benchmarks.rss", str(checkpoint)]

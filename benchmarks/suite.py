@@ -25,11 +25,11 @@ from benchmarks.rss import measure_rss
 from benchmarks.timing import Ratio, interleaved, paired_rounds, time_call
 from sage_core import generate, load_thinker
 from sage_core.checkpoint import foreign_tensors, save_thinker_checkpoint
-from sage_core.classifier import ContextClassifier
-from sage_core.config import ThinkerTextConfig
-from sage_core.model import Qwen3OmniThinker
+from sage_core.model.config import ThinkerTextConfig
+from sage_core.model.thinker import Qwen3OmniThinker
 from sage_core.paths import MODELS
 from sage_core.trust import TrustSelector, TrustTable
+from sage_core.trust.classifier import ContextClassifier
 
 # float32 logits of sage_core and a reference must agree this closely (absolute, scaled
 # by the logits' own size) or the benchmark stops: a fast wrong model is not a result.
@@ -380,7 +380,9 @@ def _rss_rows(result, cfg, checkpoint, work: Workload, log) -> list[Row]:
         "greedy tokens with all experts vs the bounded cache: "
         + ("identical" if full["generated"] == bounded["generated"] else "DIFFERENT")
     )
-    torch_base = statistics.median([full["peak_rss_import_torch"], bounded["peak_rss_import_torch"]])
+    torch_base = statistics.median(
+        [full["peak_rss_import_torch"], bounded["peak_rss_import_torch"]]
+    )
     detail = (
         f"peak RSS {bounded['peak_rss'] / mib:.0f} MiB vs {full['peak_rss'] / mib:.0f} MiB; "
         f"`import torch` alone {torch_base / mib:.0f} MiB; "

@@ -13,7 +13,7 @@ def __getattr__(name):
 
         return load_thinker
     if name in ("generate", "perplexity"):
-        from sage_core import generation
+        from sage_core.model import generation
 
         return getattr(generation, name)
     raise AttributeError(f"module 'sage_core' has no attribute {name!r}")

@@ -1,3 +1,3 @@
-from sage_core.cli import main
+from sage_core.notebook.cli import main
 
 raise SystemExit(main())

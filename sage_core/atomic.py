@@ -1,5 +1,6 @@
 """Atomic file writes: a reader sees the old file or the new one, never half of one."""
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -38,3 +39,9 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
 
 def atomic_write_text(path: Path | str, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path | str, obj, **dumps_kwargs) -> Path:
+    """`obj` as JSON (indent 2, sorted keys, trailing newline unless told otherwise)."""
+    kwargs = {"indent": 2, "sort_keys": True, **dumps_kwargs}
+    return atomic_write_text(path, json.dumps(obj, **kwargs) + "\n")

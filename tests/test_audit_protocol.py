@@ -1,4 +1,4 @@
-"""The report's measurement and protocol, rebuilt (sage_core.audit_protocol)."""
+"""The report's measurement and protocol, rebuilt (sage_core.studies.report_protocol)."""
 
 import math
 
@@ -7,11 +7,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sage_core import audit_protocol as ap
-from sage_core.config import ThinkerTextConfig
 from sage_core.corpus import CONTEXTS
-from sage_core.experiments import Sample
-from sage_core.model import Qwen3OmniThinker
+from sage_core.model.config import ThinkerTextConfig
+from sage_core.model.thinker import Qwen3OmniThinker
+from sage_core.studies import report_protocol as ap
+from sage_core.studies.experiments import Sample
 from sage_core.trust import REPORT_PRIOR, TrustTable
 
 CONFIG = ThinkerTextConfig(
@@ -49,8 +49,12 @@ def test_argmax_perplexity_hand_case():
 
 
 @settings(max_examples=80, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), positions=st.integers(1, 12),
-       vocab=st.integers(2, 50), scale=st.floats(0.01, 30.0))
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    positions=st.integers(1, 12),
+    vocab=st.integers(2, 50),
+    scale=st.floats(0.01, 30.0),
+)
 def test_report_metric_never_exceeds_teacher_forced_perplexity(seed, positions, vocab, scale):
     gen = torch.Generator().manual_seed(seed)
     logits = scale * torch.randn(positions, vocab, generator=gen)
@@ -139,7 +143,8 @@ def test_effect_distribution_and_summary():
     model = tiny_model()
     rows = ap.effect_distribution(model, PROTOCOL, [0, 1, 2], show_progress=False)
     assert sorted((r["seed"], r["arm"]) for r in rows) == sorted(
-        (s, a) for s in (0, 1, 2) for a in ap.ARMS)
+        (s, a) for s in (0, 1, 2) for a in ap.ARMS
+    )
     summary = {s["arm"]: s for s in ap.summarise_effects(rows, observed=-1e9)}
     assert summary["trust"]["seeds"] == 3 and summary["trust"]["share_at_least_observed"] == 1
     diffs = ap.paired_differences(rows)
@@ -152,8 +157,17 @@ def test_effect_distribution_and_summary():
 def test_bound_holds_on_text_like_samples():
     model = tiny_model()
     gen = torch.Generator().manual_seed(0)
-    samples = [Sample(c, "heldout", 0, 0, torch.randint(0, 64, (7,), generator=gen),
-                      torch.randint(0, 64, (5,), generator=gen)) for c in CONTEXTS]
+    samples = [
+        Sample(
+            c,
+            "heldout",
+            0,
+            0,
+            torch.randint(0, 64, (7,), generator=gen),
+            torch.randint(0, 64, (5,), generator=gen),
+        )
+        for c in CONTEXTS
+    ]
     rows = ap.bound_rows(model, samples)
     assert len(rows) == 3
     assert all(1 <= r["report_metric"] <= r["teacher_forced_ppl"] for r in rows)

@@ -39,7 +39,7 @@ from benchmarks.suite import (  # noqa: E402
 )
 from benchmarks.timing import Samples, speedup  # noqa: E402
 from sage_core import load_thinker  # noqa: E402
-from sage_core.config import ThinkerTextConfig  # noqa: E402
+from sage_core.model.config import ThinkerTextConfig  # noqa: E402
 
 TOY = ThinkerTextConfig(
     vocab_size=64,

@@ -9,20 +9,21 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import sage_core.checkpoint as checkpoint
 from sage_core.checkpoint import (
     SafetensorsReader,
     detect_layout,
+    experts,
     foreign_tensors,
     load_thinker,
     memory_estimate,
+    reader,
     save_thinker_checkpoint,
 )
-from sage_core.config import ThinkerTextConfig, nested_config_dict, parse_config, read_config
 from sage_core.errors import CheckpointError
-from sage_core.model import Qwen3OmniThinker
-from sage_core.moe import ResidentExperts
-from sage_core.rope import rope_inv_freq
+from sage_core.model.config import ThinkerTextConfig, nested_config_dict, parse_config, read_config
+from sage_core.model.moe import ResidentExperts
+from sage_core.model.rope import rope_inv_freq
+from sage_core.model.thinker import Qwen3OmniThinker
 
 CFG = ThinkerTextConfig(
     vocab_size=128,
@@ -164,13 +165,13 @@ def test_on_demand_reads_no_expert_at_load_and_only_used_ones_later(ckpt, monkey
 def test_on_demand_opens_each_shard_once(ckpt, monkeypatch):
     model = load_thinker(ckpt, max_resident_experts=2)
     opened = []
-    real_open = checkpoint.open_shard
+    real_open = reader.open_shard
 
     def counting_open(path):
         opened.append(path)
         return real_open(path)
 
-    monkeypatch.setattr(checkpoint, "open_shard", counting_open)
+    monkeypatch.setattr(reader, "open_shard", counting_open)
     model(ids())
     model(ids(1))
     assert model.expert_cache.stats()["misses"] > 2
@@ -468,7 +469,7 @@ def test_resident_experts_are_stored_transposed_with_the_same_values(tmp_path, e
 
 
 def test_expert_stack_is_transposed_on_cpu_only():
-    cpu = checkpoint.expert_stack(3, 4, 5, dtype=torch.float32, device="cpu")
-    other = checkpoint.expert_stack(3, 4, 5, dtype=torch.float32, device="meta")
+    cpu = experts.expert_stack(3, 4, 5, dtype=torch.float32, device="cpu")
+    other = experts.expert_stack(3, 4, 5, dtype=torch.float32, device="meta")
     assert cpu.shape == other.shape == (3, 4, 5)
     assert cpu.stride() == (20, 1, 4) and other.stride() == (20, 5, 1)

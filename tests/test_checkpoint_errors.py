@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sage_core.checkpoint import foreign_tensors, load_thinker, save_thinker_checkpoint
-from sage_core.config import ThinkerTextConfig
 from sage_core.errors import CheckpointError
-from sage_core.model import Qwen3OmniThinker
+from sage_core.model.config import ThinkerTextConfig
+from sage_core.model.thinker import Qwen3OmniThinker
 
 CFG = ThinkerTextConfig(
     vocab_size=128,

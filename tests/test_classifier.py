@@ -1,4 +1,4 @@
-"""Unit tests for sage_core.classifier.ContextClassifier."""
+"""Unit tests for sage_core.trust.classifier.ContextClassifier."""
 
 import json
 import struct
@@ -9,7 +9,7 @@ import torch
 from safetensors.numpy import save as safetensors_save
 from sklearn.cluster import MiniBatchKMeans
 
-from sage_core.classifier import (
+from sage_core.trust.classifier import (
     ClassifierStateError,
     ContextClassifier,
     features,
@@ -132,7 +132,9 @@ def test_kmeans_purity_on_structured_and_random_data(data):
     x, _, x_test, y_test = data
     classifier = ContextClassifier(CONTEXTS, seed=0).fit(x)
     assert classifier.purity(x_test, y_test) >= 0.95
-    random_labels = torch.randint(0, CONTEXTS, y_test.shape, generator=torch.Generator().manual_seed(2))
+    random_labels = torch.randint(
+        0, CONTEXTS, y_test.shape, generator=torch.Generator().manual_seed(2)
+    )
     assert classifier.purity(x_test, random_labels) < 0.7
 
 

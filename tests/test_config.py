@@ -5,15 +5,15 @@ import json
 
 import pytest
 
-from sage_core.config import (
+from sage_core.errors import CheckpointError
+from sage_core.model.config import (
     ThinkerTextConfig,
     nested_config_dict,
     parse_config,
     read_config,
 )
-from sage_core.errors import CheckpointError
 
-# The text part of Qwen/Qwen3-Omni-30B-A3B-Instruct's config.json (DESIGN.md).
+# The text part of Qwen/Qwen3-Omni-30B-A3B-Instruct's config.json, as published with the checkpoint.
 REAL_TEXT = {
     "model_type": "qwen3_omni_moe_text",
     "attention_bias": False,
@@ -125,8 +125,17 @@ def test_dense_layers_and_sparse_step():
 
 @pytest.mark.parametrize(
     "field",
-    ["hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-     "num_experts", "num_experts_per_tok", "moe_intermediate_size", "vocab_size", "rope_theta"],
+    [
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "num_experts",
+        "num_experts_per_tok",
+        "moe_intermediate_size",
+        "vocab_size",
+        "rope_theta",
+    ],
 )
 def test_missing_required_field_names_field_and_file(field):
     raw = copy.deepcopy(REAL_NESTED)
@@ -258,5 +267,7 @@ def test_config_hash_is_stable_and_sensitive():
     assert len(cfg.config_hash()) == 64
     assert cfg.config_hash() != small_config(rope_theta=20_000.0).config_hash()
     assert json.loads(json.dumps(cfg.to_dict())) == cfg.to_dict()
-    assert ThinkerTextConfig(**{**cfg.to_dict(), "mrope_section": (4, 4, 4),
-                                "mlp_only_layers": (1,)}) == cfg
+    assert (
+        ThinkerTextConfig(**{**cfg.to_dict(), "mrope_section": (4, 4, 4), "mlp_only_layers": (1,)})
+        == cfg
+    )

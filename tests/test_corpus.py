@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from sage_core import corpus
 from sage_core.corpus import CONTEXTS, SPLITS, CorpusConfig, build_corpus, load_corpus
+from sage_core.corpus import build as corpus
 
 SMALL = CorpusConfig().scaled(0.02)  # ~24 KB train, ~4 KB held-out per context
 
@@ -28,8 +28,10 @@ def test_two_builds_are_byte_identical(small_build, tmp_path):
 
 
 def test_another_seed_gives_another_corpus(small_build, tmp_path):
-    other = build_corpus(tmp_path, CorpusConfig(seed=1, train_bytes=SMALL.train_bytes,
-                                                heldout_bytes=SMALL.heldout_bytes))
+    other = build_corpus(
+        tmp_path,
+        CorpusConfig(seed=1, train_bytes=SMALL.train_bytes, heldout_bytes=SMALL.heldout_bytes),
+    )
     for context in ("code", "reasoning"):
         name = corpus.part_name(context, "heldout")
         assert (small_build / name).read_bytes() != (other / name).read_bytes()
@@ -41,8 +43,11 @@ def test_manifest_fields_match_the_files(small_build):
     assert manifest["matches_reference_python"] == (
         platform.python_version() == corpus.REFERENCE_PYTHON
     )
-    assert manifest["config"] == {"seed": 0, "train_bytes": SMALL.train_bytes,
-                                  "heldout_bytes": SMALL.heldout_bytes}
+    assert manifest["config"] == {
+        "seed": 0,
+        "train_bytes": SMALL.train_bytes,
+        "heldout_bytes": SMALL.heldout_bytes,
+    }
     for context in CONTEXTS:
         for split in SPLITS:
             part = manifest["parts"][f"{context}/{split}"]
@@ -80,8 +85,10 @@ def test_contexts_hold_what_they_say(small_build):
 
 def test_docstrings_are_stripped_but_code_kept(tmp_path):
     src = tmp_path / "m.py"
-    src.write_text('"""Module doc."""\n# comment\ndef f(x):\n    """Doc."""\n    return x + 1\n'
-                   "class C:\n    'only a docstring'\n")
+    src.write_text(
+        '"""Module doc."""\n# comment\ndef f(x):\n    """Doc."""\n    return x + 1\n'
+        "class C:\n    'only a docstring'\n"
+    )
     out = corpus.code_document(src)
     assert "Module doc" not in out and "Doc." not in out and "comment" not in out
     assert "return x + 1" in out and "class C:\n    pass" in out

@@ -1,16 +1,16 @@
-"""Corrupted experts, recovery fraction and precision@m (sage_core.corruption)."""
+"""Corrupted experts, recovery fraction and precision@m (sage_core.studies.unreliable_experts)."""
 
 import math
 
 import pytest
 import torch
 
-from sage_core import corruption as co
 from sage_core.checkpoint import load_thinker, save_thinker_checkpoint
-from sage_core.config import ThinkerTextConfig
 from sage_core.corpus import CONTEXTS
-from sage_core.experiments import Sample
-from sage_core.model import Qwen3OmniThinker
+from sage_core.model.config import ThinkerTextConfig
+from sage_core.model.thinker import Qwen3OmniThinker
+from sage_core.studies import unreliable_experts as co
+from sage_core.studies.experiments import Sample
 from sage_core.trust import TrustTable
 
 CONFIG = ThinkerTextConfig(
@@ -51,8 +51,7 @@ def test_corruption_keeps_norm_touches_only_chosen_and_restores():
             for e in range(CONFIG.num_experts):
                 if e in CHOSEN[layer]:
                     assert not torch.equal(after[key][e], value[e])
-                    assert after[key][e].norm() == pytest.approx(float(value[e].norm()),
-                                                                 rel=1e-6)
+                    assert after[key][e].norm() == pytest.approx(float(value[e].norm()), rel=1e-6)
                 else:
                     assert torch.equal(after[key][e], value[e]), (key, e)
     restored = state(model)
@@ -87,8 +86,17 @@ def test_corruption_refuses_bad_targets(tmp_path):
 def test_usage_counts_every_choice_and_choice_is_seeded_among_most_used():
     model = tiny_model()
     gen = torch.Generator().manual_seed(1)
-    samples = [Sample(c, "train", 0, 0, torch.randint(0, 64, (6,), generator=gen),
-                      torch.randint(0, 64, (4,), generator=gen)) for c in CONTEXTS]
+    samples = [
+        Sample(
+            c,
+            "train",
+            0,
+            0,
+            torch.randint(0, 64, (6,), generator=gen),
+            torch.randint(0, 64, (4,), generator=gen),
+        )
+        for c in CONTEXTS
+    ]
     usage = co.expert_usage(model, samples)
     assert sorted(usage) == [0, 1]
     for counts in usage.values():
@@ -132,8 +140,7 @@ def test_precision_at_m_and_lowest_trust():
     assert co.lowest_trust(table, 0, 2) == [4, 2]
     assert co.lowest_trust(table, 0, 3) == [4, 2, 0]  # ties at 0: lower index first
     assert co.lowest_trust(table, 1, 2) == [0, 1]
-    assert torch.allclose(co.expert_trust(table, 0),
-                          torch.tensor([0, 0, -2 / 3, 0, -1, 0.5 / 3]))
+    assert torch.allclose(co.expert_trust(table, 0), torch.tensor([0, 0, -2 / 3, 0, -1, 0.5 / 3]))
 
 
 def test_protocol_validates():

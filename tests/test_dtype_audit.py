@@ -1,4 +1,4 @@
-"""The dtype audit matrix (sage_core.audit): one test per cell, each under strict().
+"""The dtype audit matrix (sage_core.studies.dtype_audit): one test per cell, each under strict().
 
 A failing cell's test id and message name the entry point, the activation dtype and the
 checkpoint. Below the matrix: the library boundary round trip, and tests that the audit
@@ -11,9 +11,9 @@ import torch
 from sklearn.cluster import MiniBatchKMeans
 from threadpoolctl import threadpool_limits
 
-from sage_core import audit
 from sage_core.dtypes import strict, to_numpy_float32, to_torch_like
-from sage_core.rope import MultimodalRotaryEmbedding
+from sage_core.model.rope import MultimodalRotaryEmbedding
+from sage_core.studies import dtype_audit as audit
 
 
 @pytest.fixture(scope="module")

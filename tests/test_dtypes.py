@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from sage_core.dtypes import DtypeTrace, parse_dtype, to_numpy_float32, to_torch_like
-from sage_core.repro import rope_buffer as rb
+from sage_core.studies.repro import rope_buffer as rb
 
 # -- boundary helpers ----------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Experiment protocol (sage_core.experiments): bootstrap CIs, inputs, an end-to-end tiny run."""
+"""Experiment protocol (sage_core.studies.experiments): bootstrap CIs, inputs, an end-to-end tiny run."""
 
 import json
 import math
@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from sage_core.config import ThinkerTextConfig
 from sage_core.corpus import CONTEXTS, CorpusConfig, load_corpus
-from sage_core.experiments import (
+from sage_core.model.config import ThinkerTextConfig
+from sage_core.model.thinker import Qwen3OmniThinker
+from sage_core.model.tokenizer import ByteTokenizer
+from sage_core.studies.experiments import (
     ContextAssigner,
     TrustProtocol,
     bootstrap_ci,
@@ -27,8 +29,6 @@ from sage_core.experiments import (
     score_continuation,
     trust_changes,
 )
-from sage_core.model import Qwen3OmniThinker
-from sage_core.tokenizer import ByteTokenizer
 from sage_core.trust import TrustLearner, TrustSelector, TrustTable
 
 CONFIG = ThinkerTextConfig(
@@ -159,13 +159,31 @@ def test_classifier_in_the_loop_reports_accuracy_and_purity(model, corpus):
 
 
 def test_tiny_learning_curve_records(model, corpus, tmp_path):
-    protocol = TrustProtocol(num_updates=3, eval_every=2, seeds=(0, 1), classifier_per_context=2,
-                             heldout_per_context=1, prompt_tokens=8, continuation_tokens=8,
-                             beta=3.0)
+    protocol = TrustProtocol(
+        num_updates=3,
+        eval_every=2,
+        seeds=(0, 1),
+        classifier_per_context=2,
+        heldout_per_context=1,
+        prompt_tokens=8,
+        continuation_tokens=8,
+        beta=3.0,
+    )
     out = run_learning_curve(model, ByteTokenizer(), protocol, corpus, show_progress=False)
     curve = out["curve"]
-    assert set(curve[0]) == {"seed", "arm", "step", "context", "nll_sum", "tokens", "mean_nll",
-                             "perplexity", "rule", "beta", "context_source"}
+    assert set(curve[0]) == {
+        "seed",
+        "arm",
+        "step",
+        "context",
+        "nll_sum",
+        "tokens",
+        "mean_nll",
+        "perplexity",
+        "rule",
+        "beta",
+        "context_source",
+    }
     assert sorted({r["step"] for r in curve}) == [0, 2, 3]
     assert len(curve) == 2 * 2 * 3 * (len(CONTEXTS) + 1)
     assert len(out["updates"]) == 2 * 3 and len(out["classifier"]) == 2
@@ -184,8 +202,15 @@ def test_generations_baseline_and_trust(model, corpus):
     base = run_generations(model, tok, samples, max_new_tokens=3, show_progress=False)
     table = TrustTable.for_model(model, CONTEXTS)
     selector = TrustSelector.for_model(model, table, beta=5.0)
-    trust = run_generations(model, tok, samples, selector, TrustLearner(table, 1.0),
-                            max_new_tokens=3, show_progress=False)
+    trust = run_generations(
+        model,
+        tok,
+        samples,
+        selector,
+        TrustLearner(table, 1.0),
+        max_new_tokens=3,
+        show_progress=False,
+    )
     assert [r["arm"] for r in base["records"]] == ["baseline"] * 3
     first = trust["records"][0]
     assert first["perplexity"] == base["records"][0]["perplexity"]  # neutral trust
@@ -201,18 +226,30 @@ def test_generations_baseline_and_trust(model, corpus):
 
 
 def test_final_effects_one_row_per_variant(model, corpus):
-    protocol = TrustProtocol(num_updates=2, eval_every=1, seeds=(0,), heldout_per_context=1,
-                             prompt_tokens=8, continuation_tokens=8, context_source="label")
-    rows = final_effects(model, ByteTokenizer(), protocol,
-                         {"no trust": {"beta": 0.0}, "strong": {"beta": 50.0}}, corpus=corpus,
-                         show_progress=False)
+    protocol = TrustProtocol(
+        num_updates=2,
+        eval_every=1,
+        seeds=(0,),
+        heldout_per_context=1,
+        prompt_tokens=8,
+        continuation_tokens=8,
+        context_source="label",
+    )
+    rows = final_effects(
+        model,
+        ByteTokenizer(),
+        protocol,
+        {"no trust": {"beta": 0.0}, "strong": {"beta": 50.0}},
+        corpus=corpus,
+        show_progress=False,
+    )
     assert [r["variant"] for r in rows] == ["no trust", "strong"]
     assert rows[0]["relative_change"] == 0.0  # beta 0 is the router exactly
     assert rows[1]["relative_change"] != 0.0 and rows[1]["step"] == 2
 
 
 def test_verdict_reads_the_ci():
-    from sage_core.experiments import verdict
+    from sage_core.studies.experiments import verdict
 
     assert verdict({"ci_low": -0.03, "ci_high": -0.01}) == "improvement"
     assert verdict({"ci_low": 0.01, "ci_high": 0.03}) == "harm"

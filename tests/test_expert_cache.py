@@ -13,7 +13,7 @@ from sage_core.checkpoint import (
     SafetensorsReader,
     save_thinker_checkpoint,
 )
-from sage_core.config import ThinkerTextConfig
+from sage_core.model.config import ThinkerTextConfig
 
 CFG = ThinkerTextConfig(
     vocab_size=32,

@@ -9,7 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
-from sage_core.figures import save_figure, setup_notebook  # noqa: E402
+from sage_core.notebook.figures import save_figure, setup_notebook  # noqa: E402
 
 # What a date or a software stamp looks like in PNG text chunks, SVG metadata and PDF info.
 STAMPS = [
@@ -54,7 +54,9 @@ def test_three_formats_byte_identical_on_rerun_and_from_a_new_figure(figure, tmp
         plt.close(fresh)
     assert {fmt: p.read_bytes() for fmt, p in other.items()} == first
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == [
-        "01_example.pdf", "01_example.png", "01_example.svg",
+        "01_example.pdf",
+        "01_example.png",
+        "01_example.svg",
     ]  # no temporary files left
 
 
@@ -83,8 +85,8 @@ def test_rejects_names_that_are_not_plain_file_stems(figure, tmp_path, name):
 def test_setup_notebook_resets_rcparams_outside_ipython():
     with matplotlib.rc_context({"lines.linewidth": 7.0, "figure.dpi": 33}):
         setup_notebook()
-        assert matplotlib.rcParams["lines.linewidth"] == matplotlib.rcParamsDefault[
-            "lines.linewidth"
-        ]
+        assert (
+            matplotlib.rcParams["lines.linewidth"] == matplotlib.rcParamsDefault["lines.linewidth"]
+        )
         assert matplotlib.rcParams["figure.dpi"] == matplotlib.rcParamsDefault["figure.dpi"]
         assert matplotlib.get_backend().lower() == "agg"  # the backend is left alone

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sage_core.config import ThinkerTextConfig
-from sage_core.generation import _window_plan, generate, perplexity
-from sage_core.model import Qwen3OmniThinker
+from sage_core.model.config import ThinkerTextConfig
+from sage_core.model.generation import _window_plan, generate, perplexity
+from sage_core.model.thinker import Qwen3OmniThinker
 
 CONFIG = ThinkerTextConfig(
     vocab_size=128,
@@ -37,7 +37,9 @@ def model():
 
 
 def prompt(batch, length, seed):
-    return torch.randint(0, CONFIG.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(
+        0, CONFIG.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def test_greedy_kv_cache_generation_equals_full_recomputation(model):
@@ -59,8 +61,11 @@ def test_cached_chunks_give_the_same_logits_as_one_forward(model):
     cache = model.new_cache(2, 10)
     with torch.no_grad():
         full = model(ids)
-        parts = [model(ids[:, :4], cache=cache), model(ids[:, 4:5], cache=cache),
-                 model(ids[:, 5:], cache=cache)]
+        parts = [
+            model(ids[:, :4], cache=cache),
+            model(ids[:, 4:5], cache=cache),
+            model(ids[:, 5:], cache=cache),
+        ]
     assert cache.length == 10
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="max_len"):
@@ -119,7 +124,9 @@ def test_window_at_least_the_length_equals_the_full_value(model):
     ids = prompt(1, 16, 7)[0]
     full = perplexity(model, ids)
     for window in (16, 40):
-        assert perplexity(model, ids, window=window).mean_nll == pytest.approx(full.mean_nll, rel=1e-6)
+        assert perplexity(model, ids, window=window).mean_nll == pytest.approx(
+            full.mean_nll, rel=1e-6
+        )
 
 
 @pytest.mark.parametrize("window, stride", [(8, 4), (8, 3), (6, 5), (5, 1)])
@@ -157,7 +164,9 @@ def test_window_plan_scores_every_token_once():
     for n, window, stride in [(2, 2, 1), (10, 3, 2), (100, 17, 16), (9, 20, 3)]:
         targets = [t for s, e, first in _window_plan(n, window, stride) for t in range(first, e)]
         assert targets == list(range(1, n))
-        assert all(0 <= s < first and e - s <= window for s, e, first in _window_plan(n, window, stride))
+        assert all(
+            0 <= s < first and e - s <= window for s, e, first in _window_plan(n, window, stride)
+        )
 
 
 def test_perplexity_rejects_bad_arguments(model):

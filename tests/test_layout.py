@@ -1,6 +1,7 @@
-"""The layout DESIGN.md fixes, and the shape of every committed notebook."""
+"""The layout of the repository and of sage_core's rooms, and the shape of every committed notebook."""
 
 import ast
+import graphlib
 import re
 
 import nbformat
@@ -19,8 +20,17 @@ VOLATILE_CELL_METADATA = ("papermill", "execution")
 
 @pytest.mark.parametrize(
     "entry",
-    ["notebooks/", "sage_core/", "tests/", "figures/", "environment.yml", "README.md",
-     "pyproject.toml", "Makefile", ".ci/run"],
+    [
+        "notebooks/",
+        "sage_core/",
+        "tests/",
+        "figures/",
+        "environment.yml",
+        "README.md",
+        "pyproject.toml",
+        "Makefile",
+        ".ci/run",
+    ],
 )
 def test_top_level_layout(entry):
     path = ROOT / entry
@@ -54,15 +64,98 @@ def imports_of(tree, package):
     return names
 
 
+# The rooms of sage_core and the rooms each may import. errors, paths and atomic are the
+# foundations every room may use; they import nothing from sage_core. The order is the
+# architecture: the model knows nothing of checkpoints, trust or notebooks; notebook/ (runner,
+# figures, progress) is tooling any room above the model may use; studies/ (one module per
+# notebook) sits on top, and nothing but studies imports it.
+FOUNDATIONS = {"errors", "paths", "atomic"}
+ALLOWED_ROOMS = {
+    "dtypes": set(),
+    "model": {"dtypes"},
+    "checkpoint": {"dtypes", "model"},
+    "corpus": {"model"},
+    "trust": {"dtypes", "model"},
+    "training": {"dtypes", "model", "checkpoint", "corpus", "notebook"},
+    "notebook": set(),
+    "studies": {"dtypes", "model", "checkpoint", "corpus", "trust", "training", "notebook"},
+}
+PUBLIC_FACE = {"__init__", "__main__"}  # sage_core/__init__.py re-exports; __main__ calls the cli
+
+
+def room_of(relative):
+    """('sage_core', 'model', 'moe.py') -> 'model'; ('sage_core', 'paths.py') -> 'paths'."""
+    return relative.parts[1] if len(relative.parts) > 2 else relative.stem
+
+
+def room_imports(root):
+    """{(importing room, imported room): [files]} for every import between two rooms."""
+    found = {}
+    for path in sorted((root / "sage_core").rglob("*.py")):
+        relative = path.relative_to(root)
+        package = ".".join(relative.with_suffix("").parts[:-1])
+        names = imports_of(ast.parse(path.read_text(), str(path)), package)
+        here = room_of(relative)
+        for name in names:
+            parts = name.split(".")
+            if parts[0] != "sage_core" or len(parts) < 2 or parts[1] == here:
+                continue
+            found.setdefault((here, parts[1]), set()).add(str(relative))
+    return {edge: sorted(files) for edge, files in found.items()}
+
+
+def layout_violations(root):
+    problems = []
+    for (here, there), files in sorted(room_imports(root).items()):
+        if here in PUBLIC_FACE:
+            continue
+        if there not in FOUNDATIONS | set(ALLOWED_ROOMS):
+            problems.append(f"{here} imports sage_core.{there}, which is not a room: {files}")
+        elif here in FOUNDATIONS:
+            problems.append(f"foundation {here} imports sage_core.{there}: {files}")
+        elif here not in ALLOWED_ROOMS:
+            problems.append(f"sage_core/{here} is not a room in ALLOWED_ROOMS: {files}")
+        elif there not in FOUNDATIONS and there not in ALLOWED_ROOMS[here]:
+            problems.append(f"{here} may not import {there}: {files}")
+    return problems
+
+
+def test_rooms_import_only_in_allowed_directions():
+    assert layout_violations(ROOT) == []
+
+
+def test_allowed_directions_have_no_cycle():
+    graphlib.TopologicalSorter(ALLOWED_ROOMS).prepare()  # raises CycleError on a cycle
+
+
+def test_only_studies_and_notebook_import_studies():
+    importers = {here for (here, there) in room_imports(ROOT) if there == "studies"}
+    assert importers <= {"studies", "notebook"}
+
+
+def test_layout_check_can_fail(tmp_path):
+    (tmp_path / "sage_core" / "model").mkdir(parents=True)
+    (tmp_path / "sage_core" / "model" / "moe.py").write_text("from sage_core.trust import table\n")
+    (tmp_path / "sage_core" / "paths.py").write_text("import sage_core.model.moe\n")
+    (tmp_path / "sage_core" / "model" / "x.py").write_text("from ..studies import baseline\n")
+    problems = "\n".join(layout_violations(tmp_path))
+    assert "model may not import trust" in problems
+    assert "foundation paths imports sage_core.model" in problems
+    assert "model may not import studies" in problems
+
+
 def importers_of_repro(root):
     found = []
     for path in sorted((root / "sage_core").rglob("*.py")):
         relative = path.relative_to(root)
-        if relative.parts[:2] == ("sage_core", "repro"):
+        if relative.parts[:3] == ("sage_core", "studies", "repro"):
             continue
         package = ".".join(relative.with_suffix("").parts[:-1])
         names = imports_of(ast.parse(path.read_text(), str(path)), package)
-        if any(n == "sage_core.repro" or n.startswith("sage_core.repro.") for n in names):
+        if any(
+            n == "sage_core.studies.repro" or n.startswith("sage_core.studies.repro.")
+            for n in names
+        ):
             found.append(str(relative))
     return found
 
@@ -74,18 +167,22 @@ def test_nothing_in_sage_core_imports_repro():
 @pytest.mark.parametrize(
     "source",
     [
-        "import sage_core.repro.rope_buffer",
-        "from sage_core.repro import rope_buffer",
-        "from sage_core import repro",
+        "import sage_core.studies.repro.rope_buffer",
+        "from sage_core.studies.repro import rope_buffer",
+        "from sage_core.studies import repro",
         "from . import repro",
         "from .repro.sklearn_boundary import fit",
     ],
 )
 def test_repro_import_scan_sees_every_form(tmp_path, source):
-    (tmp_path / "sage_core" / "repro").mkdir(parents=True)
-    (tmp_path / "sage_core" / "repro" / "__init__.py").write_text("import sage_core.trust\n")
-    (tmp_path / "sage_core" / "model.py").write_text(f'"""sage_core.repro"""\n{source}\n')
-    assert importers_of_repro(tmp_path) == ["sage_core/model.py"]
+    (tmp_path / "sage_core" / "studies" / "repro").mkdir(parents=True)
+    (tmp_path / "sage_core" / "studies" / "repro" / "__init__.py").write_text(
+        "import sage_core.trust\n"
+    )
+    (tmp_path / "sage_core" / "studies" / "model.py").write_text(
+        f'"""sage_core.studies.repro"""\n{source}\n'
+    )
+    assert importers_of_repro(tmp_path) == ["sage_core/studies/model.py"]
 
 
 # --- notebooks ----------------------------------------------------------------------------------
@@ -178,9 +275,14 @@ def test_notebook_checks_can_fail():
     del bad.cells[1].metadata["tags"]
     bad.cells.append(nbformat.v4.new_code_cell("x = 1"))
     problems = "\n".join(notebook_problems(bad, "1_Bad.ipynb"))
-    for expected in ("NN_lower_case", "kernelspec", "'papermill' is run-specific (rerun with python -m sage_core run)",
-                     "does not assign ['device', 'dtype']", "ZeroDivisionError output",
-                     "cell 2: not executed"):
+    for expected in (
+        "NN_lower_case",
+        "kernelspec",
+        "'papermill' is run-specific (rerun with python -m sage_core run)",
+        "does not assign ['device', 'dtype']",
+        "ZeroDivisionError output",
+        "cell 2: not executed",
+    ):
         assert expected in problems
 
 

@@ -16,7 +16,7 @@ from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
 )
 
 from sage_core.checkpoint import foreign_tensors, load_thinker, save_thinker_checkpoint
-from sage_core.config import parse_config
+from sage_core.model.config import parse_config
 
 ATOL = 1e-4
 BASE = dict(

@@ -3,10 +3,12 @@
 import pytest
 import torch
 
-from sage_core.config import parse_config
-from sage_core.model import Qwen3OmniThinker
+from sage_core.model.config import parse_config
+from sage_core.model.thinker import Qwen3OmniThinker
 
-transformers_omni = pytest.importorskip("transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe")
+transformers_omni = pytest.importorskip(
+    "transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe"
+)
 from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import (  # noqa: E402
     Qwen3OmniMoeTextConfig,
 )
@@ -198,8 +200,13 @@ def test_model_without_lm_head_serves_hidden_states_only():
 
 @pytest.mark.parametrize(
     "layers, match",
-    [([0, 3], "out of range"), ([-1], "out of range"), ([1, 1], "duplicates"), ([], "empty"),
-     (["0"], "ints")],
+    [
+        ([0, 3], "out of range"),
+        ([-1], "out of range"),
+        ([1, 1], "duplicates"),
+        ([], "empty"),
+        (["0"], "ints"),
+    ],
 )
 def test_bad_layer_indices_are_value_errors(layers, match):
     cfg = parse_config(dict(BASE, model_type="qwen3_omni_moe_text"))

@@ -5,10 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sage_core import moe
-from sage_core.config import ThinkerTextConfig
-from sage_core.model import Qwen3OmniThinker
-from sage_core.moe import (
+from sage_core.model import moe
+from sage_core.model.config import ThinkerTextConfig
+from sage_core.model.moe import (
     ResidentExperts,
     RouterTopK,
     gathered_expert_mix,
@@ -16,6 +15,7 @@ from sage_core.moe import (
     load_balancing_loss,
     single_token_expert_mix,
 )
+from sage_core.model.thinker import Qwen3OmniThinker
 
 E, H, INTER = 8, 32, 16
 
@@ -287,7 +287,9 @@ def test_provider_with_expert_only_gives_resident_outputs(model):
         model(tokens, cache=cache)
         expected_decode = model(ids(5, (2, 1)), cache=cache)
     for i in (0, 3):
-        model.model.layers[str(i)].mlp.experts = OnDemandOnly(model.model.layers[str(i)].mlp.experts)
+        model.model.layers[str(i)].mlp.experts = OnDemandOnly(
+            model.model.layers[str(i)].mlp.experts
+        )
     assert not any("experts" in k for k in model.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), expected_prefill, atol=1e-5, rtol=0)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from sage_core.ngram import UNIFORM_BITS_PER_BYTE, ByteTrigramModel
+from sage_core.corpus.ngram import UNIFORM_BITS_PER_BYTE, ByteTrigramModel
 
 TRAIN = ["the cat sat on the mat. " * 20, "def f(x):\n    return x + 1\n" * 10, "ünïcödé ok"]
 
@@ -35,7 +35,7 @@ def test_bits_are_the_sum_of_log_probabilities():
     data = doc.encode()
     expected = 0.0
     for i, byte in enumerate(data):
-        expected -= np.log2(m.distribution(data[max(0, i - 2):i])[byte])
+        expected -= np.log2(m.distribution(data[max(0, i - 2) : i])[byte])
     bits, n = m.total_bits([doc])
     assert n == len(data)
     assert bits == pytest.approx(expected)

@@ -1,11 +1,11 @@
-"""Regression: bug #1 (float64 RoPE buffer) reproduces through sage_core.repro.rope_buffer,
-exactly, and never through the fixed sage_core.rope."""
+"""Regression: bug #1 (float64 RoPE buffer) reproduces through sage_core.studies.repro.rope_buffer,
+exactly, and never through the fixed sage_core.model.rope."""
 
 import pytest
 import torch
 
-from sage_core.repro import rope_buffer as rb
-from sage_core.rope import rope_inv_freq
+from sage_core.model.rope import rope_inv_freq
+from sage_core.studies.repro import rope_buffer as rb
 
 F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
 ASSIGN = "load_state_dict(sd, assign=True)"
@@ -45,7 +45,9 @@ PRE_FIX_EXPECTED = {
 
 @pytest.mark.parametrize(("buffer", "activations"), list(PRE_FIX_EXPECTED))
 def test_pre_fix_block_on_the_polluting_load(checkpoints, buffer, activations):
-    block = rb.load_block("pre-fix", checkpoints[(buffer, activations)], ASSIGN, CONFIG, activations)
+    block = rb.load_block(
+        "pre-fix", checkpoints[(buffer, activations)], ASSIGN, CONFIG, activations
+    )
     assert block.rope.inv_freq.dtype == buffer  # assign=True keeps the file's dtype
     x = rb.make_input(CONFIG, dtype=activations)
     qk_dtype = PRE_FIX_EXPECTED[(buffer, activations)]
@@ -165,7 +167,7 @@ def test_fixed_and_pre_fix_agree_on_a_clean_float32_run(checkpoints):
 
 def test_a_bfloat16_table_keeps_its_rounding(checkpoints):
     """The use-site cast fixes the dtype, not lost precision: a table already rounded to
-    bfloat16 stays rounded (sage_core.model rebuilds its table after `.to()` for this)."""
+    bfloat16 stays rounded (sage_core.model.thinker rebuilds its table after `.to()` for this)."""
     block = rb.load_block(rb.FIXED, checkpoints[(BF16, F32)], ASSIGN, CONFIG)
     x = rb.make_input(CONFIG, seq=64)
     cos, _ = rb.rope_tables(block, x)
@@ -183,4 +185,3 @@ def test_bad_arguments_are_named(checkpoints, tmp_path):
         rb.load_block("pre-fix", tmp_path / "missing.safetensors", COPY)
     with pytest.raises(ValueError, match="unknown rope variant 'post-fix'"):
         rb.make_block("post-fix")
-

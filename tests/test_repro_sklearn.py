@@ -1,12 +1,12 @@
-"""Regression: bug #2 still reproduces through sage_core.repro, and never through the fix."""
+"""Regression: bug #2 still reproduces through sage_core.studies.repro, and never through the fix."""
 
 import numpy as np
 import pytest
 import torch
 
-from sage_core.classifier import ContextClassifier, gaussian_contexts
 from sage_core.dtypes import to_torch_like
-from sage_core.repro import sklearn_boundary as sb
+from sage_core.studies.repro import sklearn_boundary as sb
+from sage_core.trust.classifier import ContextClassifier, gaussian_contexts
 
 HIDDEN = 16
 CONTEXTS = 5
@@ -151,9 +151,15 @@ def test_fixed_weights_follow_every_hidden_dtype():
 
 def test_pipeline_stages_record_prefix_failures_and_fixed_dtypes():
     stages = sb.pipeline_stages(hidden_size=HIDDEN)
-    assert stages["fit on torch float32"] == {"pre-fix": "centres float64", "fixed": "centres float32"}
+    assert stages["fit on torch float32"] == {
+        "pre-fix": "centres float64",
+        "fixed": "centres float32",
+    }
     assert stages["predict float32 hidden"] == {"pre-fix": FLOAT_INTO_DOUBLE, "fixed": "int64"}
-    assert stages["selection weights (bfloat16 hidden)"] == {"pre-fix": "float32", "fixed": "bfloat16"}
+    assert stages["selection weights (bfloat16 hidden)"] == {
+        "pre-fix": "float32",
+        "fixed": "bfloat16",
+    }
     assert stages["report's per-token loop mix (bfloat16)"] == {
         "pre-fix": "bfloat16",
         "fixed": "bfloat16",

@@ -1,11 +1,11 @@
-"""Unit and property tests of sage_core.rope (M-RoPE of the Qwen3-Omni thinker)."""
+"""Unit and property tests of sage_core.model.rope (M-RoPE of the Qwen3-Omni thinker)."""
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sage_core.rope import (
+from sage_core.model.rope import (
     MultimodalRotaryEmbedding,
     apply_rotary,
     interleave_mrope,

@@ -13,7 +13,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from sage_core import cli, runner
+from sage_core.notebook import cli, runner
 
 PARAMS = "model_path = None\ndevice = 'cpu'\ndtype = 'float32'\nn = 2"
 
@@ -102,7 +102,7 @@ def test_normalise_removes_volatile_metadata_and_pins_added_cell_ids():
         cell.metadata["execution"] = {"iopub.status.busy": "2025-01-01T00:00:00"}
     nb = runner.normalise(nb)
     text = nbformat.writes(nb)
-    for volatile in ("papermill\"", "widgets", "2025-", "/abs/", "3.11.7", "iopub"):
+    for volatile in ('papermill"', "widgets", "2025-", "/abs/", "3.11.7", "iopub"):
         assert volatile not in text
     assert [c.id for c in nb.cells] == [
         "papermill-error-marker-0",
@@ -120,7 +120,7 @@ def test_in_place_run_updates_outputs_is_byte_identical_and_uses_this_python(mak
     path = make_notebook(
         "01_a",
         [
-            "from sage_core.figures import setup_notebook\nsetup_notebook()",
+            "from sage_core.notebook.figures import setup_notebook\nsetup_notebook()",
             PARAMS,
             "import sys\nprint(sys.executable)\nn * 3",
             "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nplt.show()",
@@ -243,8 +243,18 @@ VOLATILE_CELLS = [
 def nbval(path):
     return subprocess.run(
         [
-            sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval", str(path),
-            "--nbval-sanitize-with", str(SANITIZE), "--nbval-kernel-name", "sage-dtype-trust",
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--nbval",
+            str(path),
+            "--nbval-sanitize-with",
+            str(SANITIZE),
+            "--nbval-kernel-name",
+            "sage-dtype-trust",
         ],
         capture_output=True,
         text=True,

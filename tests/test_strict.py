@@ -1,4 +1,4 @@
-"""sage_core.dtypes.strict: the dtype policy enforced op by op.
+"""sage_core.dtypes.strict_mode.strict: the dtype policy enforced op by op.
 
 The two bugs of the report are caught at their first bad op, the fixed model runs clean
 in every activation dtype, each rule of the policy fails when broken, and nothing stays
@@ -13,8 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sage_core.audit import AUDIT_CONFIG
-from sage_core.classifier import ContextClassifier
 from sage_core.dtypes import (
     DELIBERATE_SITES,
     DtypePolicyError,
@@ -23,11 +21,13 @@ from sage_core.dtypes import (
     to_numpy_float32,
     to_torch_like,
 )
-from sage_core.generation import generate, perplexity
-from sage_core.model import Qwen3OmniThinker
-from sage_core.moe import load_balancing_loss
-from sage_core.repro import rope_buffer as rb
-from sage_core.repro import sklearn_boundary as sb
+from sage_core.model.generation import generate, perplexity
+from sage_core.model.moe import load_balancing_loss
+from sage_core.model.thinker import Qwen3OmniThinker
+from sage_core.studies.dtype_audit import AUDIT_CONFIG
+from sage_core.studies.repro import rope_buffer as rb
+from sage_core.studies.repro import sklearn_boundary as sb
+from sage_core.trust.classifier import ContextClassifier
 
 CFG = AUDIT_CONFIG  # one dense layer, one sparse: both MLP paths run
 ACTIVATIONS = [torch.float32, torch.bfloat16, torch.float64]

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from sage_core.analysis import fit_ngram, heldout_documents
 from sage_core.checkpoint import load_thinker
-from sage_core.config import read_config
 from sage_core.corpus import CONTEXTS, load_corpus
-from sage_core.model import Qwen3OmniThinker
-from sage_core.tiny import (
+from sage_core.corpus.heldout import fit_ngram, heldout_documents
+from sage_core.model.config import read_config
+from sage_core.model.thinker import Qwen3OmniThinker
+from sage_core.model.tokenizer import ByteTokenizer, load_tokenizer
+from sage_core.training.default_model import (
     TINY_CONFIG,
     TINY_DIR,
     TrainConfig,
@@ -26,7 +27,6 @@ from sage_core.tiny import (
     smoke_bits_per_byte,
     train_model,
 )
-from sage_core.tokenizer import ByteTokenizer, load_tokenizer
 
 MAX_BYTES = 25 * 1024 * 1024
 REPRO_TOLERANCE_BPB = 0.03  # retraining reproduces each held-out bits-per-byte within this
@@ -76,8 +76,11 @@ def test_checkpoint_is_sharded_in_the_real_layout():
     keys, shards = set(index["weight_map"]), set(index["weight_map"].values())
     assert len(shards) >= 2 and all((TINY_DIR / s).is_file() for s in shards)
     assert all(k.startswith("thinker.") for k in keys)
-    assert {"thinker.lm_head.weight", "thinker.model.embed_tokens.weight",
-            "thinker.model.norm.weight"} <= keys
+    assert {
+        "thinker.lm_head.weight",
+        "thinker.model.embed_tokens.weight",
+        "thinker.model.norm.weight",
+    } <= keys
     last, e = TINY_CONFIG.num_hidden_layers - 1, TINY_CONFIG.num_experts - 1
     for name in ("gate_proj", "up_proj", "down_proj"):
         assert f"thinker.model.layers.{last}.mlp.experts.{e}.{name}.weight" in keys
@@ -113,8 +116,11 @@ def test_metrics_fields_are_present_and_consistent(metrics):
         assert routing["min_expert_share"][layer] >= 0.005  # no dead expert
         for c in CONTEXTS:
             assert sum(routing["expert_share"][layer][c]) == pytest.approx(1.0)
-        assert set(routing["js_divergence"][layer]) == {"code|reasoning", "code|text",
-                                                        "reasoning|text"}
+        assert set(routing["js_divergence"][layer]) == {
+            "code|reasoning",
+            "code|text",
+            "reasoning|text",
+        }
         assert all(0 <= v <= 1 for v in routing["js_divergence"][layer].values())
     training = json.loads((TINY_DIR / "training_config.json").read_text())
     assert training["corpus_manifest_sha256"] == metrics["corpus_manifest_sha256"]
@@ -176,12 +182,13 @@ def test_a_few_training_steps_are_deterministic_and_learn(corpus):
 
 @pytest.mark.slow
 def test_retraining_reproduces_the_committed_metrics(tmp_path, metrics):
-    from sage_core.tiny import train
+    from sage_core.training.default_model import train
 
     training = json.loads((TINY_DIR / "training_config.json").read_text())
-    cfg = dataclasses.replace(TrainConfig(), **{
-        k: tuple(v) if isinstance(v, list) else v for k, v in training["train"].items()
-    })
+    cfg = dataclasses.replace(
+        TrainConfig(),
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in training["train"].items()},
+    )
     again = train(tmp_path / "tiny", cfg)
     assert again["corpus_manifest_sha256"] == metrics["corpus_manifest_sha256"]
     for c in CONTEXTS:

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sage_core.errors import CheckpointError
-from sage_core.tokenizer import BYTE_TOKENIZER_FILE, ByteTokenizer, load_tokenizer
+from sage_core.model.tokenizer import BYTE_TOKENIZER_FILE, ByteTokenizer, load_tokenizer
 
 
 @settings(max_examples=300, deadline=None)
@@ -58,8 +58,9 @@ def test_missing_tokenizer_names_the_files_looked_for(tmp_path):
 
 def test_tokenizer_json_through_tokenizers(tmp_path):
     tokenizers = pytest.importorskip("tokenizers")
-    bpe = tokenizers.models.BPE(vocab={"a": 0, "b": 1, "ab": 2, "<|endoftext|>": 3},
-                                merges=[("a", "b")])
+    bpe = tokenizers.models.BPE(
+        vocab={"a": 0, "b": 1, "ab": 2, "<|endoftext|>": 3}, merges=[("a", "b")]
+    )
     tok = tokenizers.Tokenizer(bpe)
     tok.add_special_tokens(["<|endoftext|>"])
     tok.save(str(tmp_path / "tokenizer.json"))

@@ -5,9 +5,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sage_core.config import ThinkerTextConfig
-from sage_core.model import Qwen3OmniThinker
-from sage_core.moe import RouterTopK
+from sage_core.model.config import ThinkerTextConfig
+from sage_core.model.moe import RouterTopK
+from sage_core.model.thinker import Qwen3OmniThinker
 from sage_core.trust import (
     REPORT_PRIOR,
     TrustLearner,
@@ -245,8 +245,9 @@ def test_truncated_file_is_an_error_naming_it(tmp_path):
 
 def test_trust_from_another_model_is_refused(tmp_path):
     path = learned_table().save(tmp_path / "trust.safetensors")
-    other = ThinkerTextConfig(**{**CONFIG.to_dict(), "num_experts": 16,
-                                 "mrope_section": (3, 3, 2), "mlp_only_layers": ()})
+    other = ThinkerTextConfig(
+        **{**CONFIG.to_dict(), "num_experts": 16, "mrope_section": (3, 3, 2), "mlp_only_layers": ()}
+    )
     with pytest.raises(TrustStateError, match="config hash") as info:
         TrustTable.load(path, config_hash=other.config_hash())
     assert str(path) in str(info.value)

@@ -1,0 +1,186 @@
+"""Qwen3-Omni thinker checkpoints: sharded safetensors in, a ready model out (and a writer).
+
+`load_thinker` reads the real checkpoint layout (`thinker.`-prefixed keys in shards listed by
+`model.safetensors.index.json`, next to talker, code2wav, audio and vision weights it never
+touches) and the layouts exporters produce: one `model.safetensors`, fused or per-expert MoE
+weights, a thinker-only export (`model.*`, `lm_head.weight`) and a bare text export
+(`embed_tokens.weight`, `layers.*`, `norm.weight`, no lm_head).
+
+Loading is two passes. The first checks every tensor the chosen layers need, by name, shape
+and dtype, from the safetensors headers alone (cheap), so a broken checkpoint fails before
+any weight is read and nothing half-built is ever returned. The second reads exactly those
+tensors, converts each once to the requested dtype and device, and assigns them into a model
+built on the meta device. With `max_resident_experts`, expert weights are instead read on
+first use into one LRU cache shared by all layers.
+
+The model's own keys drive the load, so a stray checkpoint buffer such as a float64
+`rotary_emb.inv_freq` (bug #1 of the dtype report) is never read: the rotary table is
+recomputed in float32 by `MultimodalRotaryEmbedding.reset_buffers`.
+"""
+
+import operator
+from pathlib import Path
+
+import torch
+
+from sage_core.checkpoint.experts import (
+    ExpertCache,
+    ExpertSource,
+    OnDemandExperts,
+)
+from sage_core.checkpoint.layout import (
+    EXPERT_KEY,
+    detect_layout,
+    file_key,
+)
+from sage_core.checkpoint.reader import (
+    SafetensorsReader,
+    _check_header,
+    _owned,
+)
+from sage_core.dtypes import parse_dtype
+from sage_core.errors import CheckpointError
+from sage_core.model.config import read_config
+
+
+def _layer_indices(layers, num_layers: int) -> list[int]:
+    """`layers` argument (None, N for the first N, or a list of indices) -> sorted indices."""
+    if layers is None:
+        return list(range(num_layers))
+    if isinstance(layers, bool):
+        raise ValueError(f"layers must be None, an int or a list of ints, got {layers!r}")
+    if isinstance(layers, int):
+        if not 1 <= layers <= num_layers:
+            raise ValueError(
+                f"layers={layers}: the model has {num_layers} layers; need 1..{num_layers}"
+            )
+        return list(range(layers))
+    if not isinstance(layers, list | tuple | range):
+        raise ValueError(
+            f"layers must be None, an int or a list of ints, got {type(layers).__name__}"
+        )
+    if len(layers) == 0:
+        raise ValueError("layers is an empty list; give at least one layer index")
+    indices = []
+    for item in layers:
+        if isinstance(item, bool):
+            raise ValueError(f"layers contains {item!r}, not a layer index")
+        try:
+            idx = operator.index(item)
+        except TypeError:
+            raise ValueError(f"layers contains {item!r}, not an int layer index") from None
+        if not 0 <= idx < num_layers:
+            raise ValueError(f"layers contains {idx}, out of range [0, {num_layers})")
+        indices.append(idx)
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"layers contains duplicates: {list(layers)}")
+    return sorted(indices)
+
+
+def _check_resident_bound(max_resident_experts) -> None:
+    if max_resident_experts is None:
+        return
+    if (
+        isinstance(max_resident_experts, bool)
+        or not isinstance(max_resident_experts, int)
+        or max_resident_experts < 1
+    ):
+        raise ValueError(
+            f"max_resident_experts must be None or an int >= 1, got {max_resident_experts!r}"
+        )
+
+
+def load_thinker(
+    path,
+    layers=None,
+    max_resident_experts=None,
+    device="cpu",
+    dtype=torch.float32,
+):
+    """Load the Qwen3-Omni thinker text model from a checkpoint directory.
+
+    path: directory with `config.json` and `model.safetensors` or shards plus
+        `model.safetensors.index.json`, in any layout of the module docstring.
+    layers: None (all), N (the first N) or a list of layer indices.
+    max_resident_experts: None (every expert of the chosen layers in memory) or a bound on
+        the experts held across the model; the rest are read on demand (`model.expert_cache`).
+    device, dtype: where and in what dtype the weights live; converted once, on load.
+
+    Raises CheckpointError (naming the file, key and shapes) for a broken checkpoint and
+    ValueError for bad arguments; never returns a partially loaded model.
+    """
+    from sage_core.model.thinker import Qwen3OmniThinker  # deferred: importing the model is heavier
+
+    path = Path(path)
+    if not path.is_dir():
+        if path.exists():
+            raise CheckpointError(f"{path}: not a directory; give the checkpoint directory")
+        raise CheckpointError(f"{path}: checkpoint directory does not exist")
+    cfg = read_config(path)
+    layer_indices = _layer_indices(layers, cfg.num_hidden_layers)
+    _check_resident_bound(max_resident_experts)
+    dtype = parse_dtype(dtype)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a torch device: {e}") from e
+
+    reader = SafetensorsReader(path)
+    try:
+        layout = detect_layout(reader.keys(), str(reader.source))
+        embed_key = file_key("model.embed_tokens.weight", layout)
+        lm_head_key = None if layout == "text" else file_key("lm_head.weight", layout)
+        if lm_head_key is not None and lm_head_key not in reader.keys():
+            lm_head_key = embed_key if cfg.tie_word_embeddings else None
+        with torch.device("meta"):
+            model = Qwen3OmniThinker(cfg, layer_indices, with_lm_head=lm_head_key is not None)
+
+        # Every sparse layer's experts: resident (stacked into the state dict) or on demand.
+        layer_prefix = file_key("model.layers.", layout)
+        sources = {
+            i: ExpertSource(reader, f"{layer_prefix}{i}.mlp.experts.", cfg, dtype, device)
+            for i in layer_indices
+            if cfg.is_sparse(i)
+        }
+        cache = None if max_resident_experts is None else ExpertCache(max_resident_experts)
+        if cache is not None:
+            for i, source in sources.items():
+                model.model.layers[str(i)].mlp.experts = OnDemandExperts(i, source, cache)
+
+        # Pass 1: every key and shape, from the headers, before reading any data.
+        plan = {}  # model key -> checkpoint key, for everything but the stacked experts
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        for key, shape in expected.items():
+            if EXPERT_KEY.match(key):
+                continue
+            source_key = lm_head_key if key == "lm_head.weight" else file_key(key, layout)
+            _check_header(reader, source_key, shape)
+            plan[key] = source_key
+        for source in sources.values():
+            source.validate()
+
+        # Pass 2: read exactly those tensors, converted once to dtype on device.
+        state = {}
+        for key, source_key in plan.items():
+            if key == "lm_head.weight" and source_key == embed_key:  # tied: one copy
+                continue
+            state[key] = _owned(reader.read(source_key), device, dtype)
+        if plan.get("lm_head.weight") == embed_key:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        if cache is None:
+            for i, source in sources.items():
+                prefix = f"model.layers.{i}.mlp.experts."
+                state[prefix + "gate_up_proj"], state[prefix + "down_proj"] = source.read_all()
+        model.load_state_dict(state, strict=True, assign=True)
+        if plan.get("lm_head.weight") == embed_key:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        model.model.rotary_emb.reset_buffers(device)
+    finally:
+        # Resident weights are copies; on-demand experts reopen their shards lazily.
+        reader.close()
+
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"load_thinker left tensors on the meta device: {leftover}")
+    model.expert_cache = cache
+    return model.eval()

@@ -1,0 +1,1 @@
+"""Notebook infrastructure: the batch runner and its command line, figures, progress bars."""

@@ -1,0 +1,58 @@
+"""Command line: `python -m sage_core run [NOTEBOOK ...] [-p NAME VALUE ...] [--out DIR]`."""
+
+import argparse
+import sys
+
+from sage_core.notebook import runner
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m sage_core")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser(
+        "run",
+        help="execute notebooks in order with papermill",
+        description="Execute notebooks in order (default: every notebooks/NN_*.ipynb). "
+        "Without --out they are updated in place. Exit status: 0 all ran, 1 a cell failed, "
+        "2 bad arguments.",
+    )
+    run.add_argument(
+        "notebooks",
+        nargs="*",
+        metavar="NOTEBOOK",
+        help="a notebook path or a bare name such as 01_rope_buffer_dtype",
+    )
+    run.add_argument(
+        "-p",
+        "--parameter",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "VALUE"),
+        help="set a parameter; VALUE is a Python literal if it parses as one, else a string",
+    )
+    run.add_argument("--out", metavar="DIR", help="write executed copies and run.json here instead")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    parameters = {name: runner.parse_value(value) for name, value in args.parameter}
+    try:
+        results = runner.run(args.notebooks, parameters, out=args.out)
+    except runner.RunError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    failed = [r for r in results if r.status != "ok"]
+    for result in failed:
+        where = (
+            f"code cell {result.code_cell} (In [{result.execution_count}])"
+            if result.code_cell is not None
+            else "kernel"
+        )
+        print(
+            f"{result.name}: failed at {where}: {result.error}\n"
+            f"  partial notebook kept: {result.output}",
+            file=sys.stderr,
+        )
+    return 1 if failed else 0

@@ -1,0 +1,913 @@
+"""Baseline and trust-augmented runs over the same inputs, returning tidy records.
+
+The protocol:
+
+- Inputs are windows of the three-context corpus: a prompt of `prompt_tokens` tokens and
+  its real continuation of `continuation_tokens` tokens (`Sample`). Trust learns on a
+  stream of training-split windows in mixed contexts; it is evaluated on held-out-split
+  windows only, drawn once per seed and fixed for that seed's whole run.
+- Quality is teacher-forced: the NLL of the real continuation given the prompt, with the
+  selector under test active. Perplexity per context is exp(total NLL / total tokens).
+- The context comes from the corpus label or from a `ContextAssigner` (a classifier on the
+  mean-pooled, L2-normalised hidden states at the first MoE block's input, computed from
+  the prompt only): `context_source` separates classifier errors from trust effects.
+- The baseline (the router alone) runs on the same held-out windows; effects are paired
+  per seed, with seeded bootstrap confidence intervals.
+
+Every function returns plain records (lists of dicts); `save_records` writes them as CSV
+and JSON under `sage_core.paths.RESULTS` (gitignored).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sage_core.atomic import atomic_write_bytes
+from sage_core.corpus import CONTEXTS, load_corpus
+from sage_core.model.generation import generate
+from sage_core.notebook.progress import progress
+from sage_core.paths import MODELS, RESULTS
+from sage_core.trust import (
+    TrustLearner,
+    TrustSelector,
+    TrustTable,
+    dense_routing,
+)
+from sage_core.trust.classifier import ContextClassifier
+
+CONTEXT_SOURCES = ("classifier", "label")
+ALL = "all"  # the context name of rows aggregated over every context
+
+
+# --- model and inputs --------------------------------------------------------------------
+
+
+def resolve_model_path(model_path=None) -> Path:
+    """`model_path`, or the embedded default: the one directory under models/ with a
+    config.json."""
+    if model_path is not None:
+        return Path(model_path)
+    found = sorted(p.parent for p in MODELS.glob("*/config.json"))
+    if len(found) != 1:
+        raise FileNotFoundError(
+            f"expected exactly one default model under {MODELS} (a directory with "
+            f"config.json), found {[p.name for p in found]}; pass model_path"
+        )
+    return found[0]
+
+
+def load_model(
+    model_path=None, device="cpu", dtype="float32", layers=None, max_resident_experts=None
+):
+    """(model in eval mode, its tokenizer, the resolved path) for notebook parameters."""
+    from sage_core.checkpoint import load_thinker
+    from sage_core.dtypes import parse_dtype
+    from sage_core.model.tokenizer import load_tokenizer
+
+    path = resolve_model_path(model_path)
+    model = load_thinker(
+        path,
+        layers=layers,
+        max_resident_experts=max_resident_experts,
+        device=device,
+        dtype=parse_dtype(dtype),
+    )
+    return model.eval(), load_tokenizer(path), path
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A prompt and its real continuation, cut from one corpus document."""
+
+    context: str
+    split: str
+    document: int  # index of the document in its corpus part
+    offset: int  # token offset of the prompt in the document
+    prompt: torch.Tensor  # (P,) int64
+    continuation: torch.Tensor  # (C,) int64
+
+
+def make_samples(
+    tokenizer,
+    split: str,
+    per_context: int,
+    prompt_tokens: int,
+    continuation_tokens: int,
+    seed: int,
+    corpus=None,
+    stream: str = "",
+) -> list[Sample]:
+    """`per_context` windows per context from `split`, interleaved code, reasoning, text,
+    code, ... Each window comes from a different document while there are enough documents
+    long enough, then windows at new offsets of the same documents. Documents and offsets
+    come from a Random seeded by (seed, split, stream, context): `stream` names independent
+    draws from one split (the classifier's prompts, trust's stream); they may overlap."""
+    if per_context < 1 or prompt_tokens < 1 or continuation_tokens < 1:
+        raise ValueError(
+            f"per_context, prompt_tokens and continuation_tokens must be >= 1, got "
+            f"{per_context}, {prompt_tokens}, {continuation_tokens}"
+        )
+    corpus = corpus or load_corpus()
+    window = prompt_tokens + continuation_tokens
+    by_context = []
+    for context in CONTEXTS:
+        docs = corpus.documents(context, split)
+        rng = random.Random(f"{seed}:{split}:{stream}:{context}")
+        order = list(range(len(docs)))
+        rng.shuffle(order)
+        eligible = [(d, ids) for d in order if len(ids := tokenizer.encode(docs[d])) >= window]
+        if not eligible:
+            raise ValueError(
+                f"corpus part {context}/{split} has no document of at least {window} tokens"
+            )
+        picked = []
+        for i in range(per_context):  # distinct documents first, then cycle through them
+            d, ids = eligible[i % len(eligible)]
+            offset = rng.randrange(len(ids) - window + 1)
+            chunk = torch.tensor(ids[offset : offset + window], dtype=torch.int64)
+            picked.append(
+                Sample(context, split, d, offset, chunk[:prompt_tokens], chunk[prompt_tokens:])
+            )
+        by_context.append(picked)
+    return [s for group in zip(*by_context, strict=True) for s in group]
+
+
+# --- classifier in the loop --------------------------------------------------------------
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def moe_input_states(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Hidden states entering the first sparse layer's MoE block (after its
+    post_attention_layernorm), (B, S, H) in the model's dtype. The forward stops there."""
+    blocks = model.sparse_blocks()
+    if not blocks:
+        raise ValueError("the model holds no sparse (MoE) layer")
+    block = blocks[min(blocks)]
+    captured = {}
+
+    def hook(module, args):
+        captured["x"] = args[0].detach()
+        raise _Stop
+
+    handle = block.register_forward_pre_hook(hook)
+    try:
+        model.hidden_states(input_ids)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return captured["x"]
+
+
+class ContextAssigner:
+    """A ContextClassifier on MoE-input features, plus the context name of each class.
+
+    Supervised mode: class i is CONTEXTS[i]. K-means mode: cluster i is named after the
+    majority corpus label of its training prompts (two clusters may share a name; a context
+    no cluster wins is never assigned).
+    """
+
+    def __init__(self, classifier: ContextClassifier, names: list[str]):
+        self.classifier = classifier
+        self.names = list(names)
+
+    @classmethod
+    def fit(
+        cls, model, samples: list[Sample], mode: str = "supervised", seed: int = 0
+    ) -> ContextAssigner:
+        feats = np.concatenate([prompt_features(model, s.prompt) for s in samples])
+        labels = np.array([CONTEXTS.index(s.context) for s in samples], dtype=np.int64)
+        if mode == "supervised":
+            classifier = ContextClassifier(len(CONTEXTS), list(CONTEXTS), "supervised", seed)
+            classifier.fit(feats, labels)
+            return cls(classifier, list(CONTEXTS))
+        classifier = ContextClassifier(
+            len(CONTEXTS), [f"cluster_{i}" for i in range(len(CONTEXTS))], mode, seed
+        )
+        classifier.fit(feats)
+        clusters = classifier.predict(feats)
+        names = []
+        for k in range(len(CONTEXTS)):
+            members = labels[clusters == k]
+            majority = np.bincount(members, minlength=len(CONTEXTS)).argmax() if members.size else k
+            names.append(CONTEXTS[int(majority)])
+        return cls(classifier, names)
+
+    def assign(self, model, prompt: torch.Tensor) -> str:
+        return self.names[int(self.classifier.predict(prompt_features(model, prompt))[0])]
+
+    def evaluate(self, model, samples: list[Sample]) -> dict:
+        """Accuracy against corpus labels and purity (of the raw classes) on `samples`."""
+        feats = np.concatenate([prompt_features(model, s.prompt) for s in samples])
+        labels = np.array([CONTEXTS.index(s.context) for s in samples], dtype=np.int64)
+        assigned = [self.names[i] for i in self.classifier.predict(feats)]
+        accuracy = float(np.mean([a == s.context for a, s in zip(assigned, samples, strict=True)]))
+        return {
+            "mode": self.classifier.mode,
+            "samples": len(samples),
+            "accuracy": accuracy,
+            "purity": self.classifier.purity(feats, labels),
+        }
+
+
+def prompt_features(model, prompt: torch.Tensor) -> np.ndarray:
+    """(1, H) float32 features of one prompt: mean-pooled, L2-normalised MoE input."""
+    device = model.model.embed_tokens.weight.device
+    states = moe_input_states(model, prompt.to(device)[None])
+    from sage_core.trust.classifier import features
+
+    return features(states)
+
+
+# --- scoring ------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def score_continuation(model, sample: Sample, with_routing: bool = False):
+    """Teacher-forced NLL of each continuation token given the prompt (and the
+    continuation before it), with whatever selector the model has. Returns (token_nll (C,)
+    float32 on CPU, {layer: (C, E) dense routing of the C predicting positions} or None)."""
+    device = model.model.embed_tokens.weight.device
+    ids = torch.cat([sample.prompt, sample.continuation]).to(device)[None]
+    P, C = sample.prompt.numel(), sample.continuation.numel()
+    if with_routing:
+        with model.routing_trace() as trace:
+            hidden = model.hidden_states(ids)
+    else:
+        hidden, trace = model.hidden_states(ids), None
+    logits = model.lm_head(hidden[0, P - 1 : P + C - 1]).to(torch.float32)
+    nll = F.cross_entropy(logits, sample.continuation.to(device), reduction="none").cpu()
+    routing = None
+    if trace is not None:
+        E = model.config.num_experts
+        routing = {
+            layer: dense_routing(calls[0][0][P - 1 : P + C - 1], calls[0][1][P - 1 : P + C - 1], E)
+            for layer, calls in trace.items()
+        }
+    return nll, routing
+
+
+def _context_for(sample, context_source, assigner, model) -> str:
+    if context_source == "label":
+        return sample.context
+    if assigner is None:
+        raise ValueError("context_source='classifier' needs a fitted ContextAssigner")
+    return assigner.assign(model, sample.prompt)
+
+
+def evaluate(model, samples, selector=None, context_source="label", assigner=None) -> list[dict]:
+    """One row per sample: its NLL sum and token count under `selector` (None: the router)."""
+    model.set_selector(selector)
+    rows = []
+    try:
+        for i, sample in enumerate(samples):
+            context = _context_for(sample, context_source, assigner, model)
+            if selector is not None:
+                selector.context = context
+            nll, _ = score_continuation(model, sample)
+            rows.append(
+                {
+                    "sample": i,
+                    "context": sample.context,
+                    "assigned": context,
+                    "nll_sum": math.fsum(nll.tolist()),
+                    "tokens": int(nll.numel()),
+                }
+            )
+    finally:
+        model.set_selector(None)
+    return rows
+
+
+def perplexity_by_context(rows) -> dict[str, dict]:
+    """{context or "all": {"nll_sum", "tokens", "mean_nll", "perplexity"}} from eval rows."""
+    out = {}
+    for context in (*CONTEXTS, ALL):
+        chosen = [r for r in rows if context in (ALL, r["context"])]
+        if not chosen:
+            continue
+        nll = sum(r["nll_sum"] for r in chosen)
+        tokens = sum(r["tokens"] for r in chosen)
+        out[context] = {
+            "nll_sum": nll,
+            "tokens": tokens,
+            "mean_nll": nll / tokens,
+            "perplexity": math.exp(nll / tokens),
+        }
+    return out
+
+
+# --- the learning curve -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrustProtocol:
+    """Parameters of a trust run (model parameters are the caller's: load_model)."""
+
+    rule: str = "bias"
+    beta: float = 1.0
+    alpha: float = 0.3
+    learning_rate: float = 0.5
+    baseline_momentum: float = 0.9
+    num_updates: int = 60
+    eval_every: int = 10
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    context_source: str = "classifier"
+    classifier_mode: str = "supervised"
+    classifier_per_context: int = 12
+    heldout_per_context: int = 4
+    prompt_tokens: int = 64
+    continuation_tokens: int = 64
+
+    def __post_init__(self):
+        check_run_settings(self.context_source, self.seeds)
+        if self.num_updates < 0 or self.eval_every < 1:
+            raise ValueError(
+                f"num_updates must be >= 0 and eval_every >= 1, got "
+                f"{self.num_updates}, {self.eval_every}"
+            )
+
+    def eval_steps(self) -> list[int]:
+        return eval_schedule(self.num_updates, self.eval_every)
+
+
+def check_run_settings(context_source: str, seeds) -> None:
+    """The checks every trust protocol shares: a known context source, distinct seeds."""
+    if context_source not in CONTEXT_SOURCES:
+        raise ValueError(f"context_source must be one of {CONTEXT_SOURCES}, got {context_source!r}")
+    if len(seeds) < 1 or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct and non-empty, got {seeds}")
+
+
+def eval_schedule(num_updates: int, eval_every: int) -> list[int]:
+    """Update counts at which to evaluate: 0, eval_every, 2 * eval_every, ... and the last."""
+    steps = list(range(0, num_updates + 1, eval_every))
+    return steps if steps[-1] == num_updates else [*steps, num_updates]
+
+
+def _curve_rows(seed, arm, step, rows, protocol) -> list[dict]:
+    return [
+        {
+            "seed": seed,
+            "arm": arm,
+            "step": step,
+            "context": context,
+            **stats,
+            "rule": protocol.rule,
+            "beta": protocol.beta,
+            "context_source": protocol.context_source,
+        }
+        for context, stats in perplexity_by_context(rows).items()
+    ]
+
+
+def run_learning_curve(
+    model,
+    tokenizer,
+    protocol: TrustProtocol,
+    corpus=None,
+    show_progress: bool = True,
+    desc: str = "learning curve",
+) -> dict[str, list[dict]]:
+    """Trust learned on a training stream, evaluated on fixed held-out windows every
+    `eval_every` updates, against the router alone on the same windows, for each seed.
+
+    Returns {"curve": one row per (seed, arm, step, context incl. "all"),
+             "updates": one row per training update, "classifier": one row per seed,
+             "samples": the held-out windows used}. The baseline does not learn: it is
+    evaluated once per seed and its row repeated at every eval step, for pairing.
+    """
+    corpus = corpus or load_corpus()
+    steps = protocol.eval_steps()
+    per_stream_context = max(1, math.ceil(protocol.num_updates / len(CONTEXTS)))
+    curve, updates, classifier_rows, sample_rows = [], [], [], []
+    work = len(protocol.seeds) * (protocol.num_updates + len(steps))
+    bar = progress(total=work, desc=desc, disable=not show_progress)
+    try:
+        for seed in protocol.seeds:
+            torch.manual_seed(seed)
+            heldout = make_samples(
+                tokenizer,
+                "heldout",
+                protocol.heldout_per_context,
+                protocol.prompt_tokens,
+                protocol.continuation_tokens,
+                seed,
+                corpus,
+                stream="eval",
+            )
+            stream = make_samples(
+                tokenizer,
+                "train",
+                per_stream_context,
+                protocol.prompt_tokens,
+                protocol.continuation_tokens,
+                seed,
+                corpus,
+                stream="trust",
+            )
+            random.Random(f"{seed}:stream-order").shuffle(stream)
+            stream = stream[: protocol.num_updates]
+            sample_rows += [
+                {
+                    "seed": seed,
+                    "sample": i,
+                    "context": s.context,
+                    "document": s.document,
+                    "offset": s.offset,
+                }
+                for i, s in enumerate(heldout)
+            ]
+            assigner = None
+            if protocol.context_source == "classifier":
+                fit_on = make_samples(
+                    tokenizer,
+                    "train",
+                    protocol.classifier_per_context,
+                    protocol.prompt_tokens,
+                    protocol.continuation_tokens,
+                    seed,
+                    corpus,
+                    stream="classifier",
+                )
+                assigner = ContextAssigner.fit(model, fit_on, protocol.classifier_mode, seed)
+                classifier_rows.append({"seed": seed, **assigner.evaluate(model, heldout)})
+
+            baseline = evaluate(model, heldout)
+            table = TrustTable.for_model(model, CONTEXTS)
+            selector = TrustSelector.for_model(
+                model, table, rule=protocol.rule, beta=protocol.beta, alpha=protocol.alpha
+            )
+            learner = TrustLearner(table, protocol.learning_rate, protocol.baseline_momentum)
+            for step in range(protocol.num_updates + 1):
+                if step in steps:
+                    rows = evaluate(model, heldout, selector, protocol.context_source, assigner)
+                    curve += _curve_rows(seed, "trust", step, rows, protocol)
+                    curve += _curve_rows(seed, "baseline", step, baseline, protocol)
+                    bar.update(1)
+                if step == protocol.num_updates:
+                    break
+                sample = stream[step]
+                context = _context_for(sample, protocol.context_source, assigner, model)
+                selector.context = context
+                model.set_selector(selector)
+                try:
+                    nll, routing = score_continuation(model, sample, with_routing=True)
+                finally:
+                    model.set_selector(None)
+                info = learner.update(context, nll, routing)
+                updates.append(
+                    {"seed": seed, "step": step + 1, "true_context": sample.context, **info}
+                )
+                bar.update(1)
+    finally:
+        bar.close()
+        model.set_selector(None)
+    return {
+        "curve": curve,
+        "updates": updates,
+        "classifier": classifier_rows,
+        "samples": sample_rows,
+    }
+
+
+def paired_effect(curve: list[dict], step: int, context: str = ALL) -> list[dict]:
+    """Per seed at `step`: trust vs baseline mean NLL difference (nats/token) and the
+    relative perplexity change exp(diff) - 1 (negative: trust lowers perplexity)."""
+    rows = {
+        (r["seed"], r["arm"]): r for r in curve if r["step"] == step and r["context"] == context
+    }
+    seeds = sorted({seed for seed, _ in rows})
+    out = []
+    for seed in seeds:
+        diff = rows[(seed, "trust")]["mean_nll"] - rows[(seed, "baseline")]["mean_nll"]
+        out.append(
+            {
+                "seed": seed,
+                "step": step,
+                "context": context,
+                "nll_diff": diff,
+                "relative_ppl_change": math.expm1(diff),
+            }
+        )
+    return out
+
+
+def bootstrap_ci(
+    values, confidence: float = 0.95, num_resamples: int = 10_000, seed: int = 0
+) -> dict:
+    """Percentile bootstrap CI of the mean, from a seeded numpy Generator.
+
+    Returns {"mean", "low", "high", "n"}. One value (or identical values) gives a
+    zero-width interval at that value; no values is an error.
+    """
+    x = np.asarray(values, dtype=np.float64).reshape(-1)
+    if x.size == 0:
+        raise ValueError("bootstrap_ci needs at least one value")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("bootstrap_ci values must be finite")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    if num_resamples < 1:
+        raise ValueError(f"num_resamples must be >= 1, got {num_resamples!r}")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(num_resamples, x.size))].mean(axis=1)
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    mean = float(x.mean())
+    # Identical values: quantiles of identical means can differ from the mean by rounding.
+    return {
+        "mean": mean,
+        "low": min(float(low), mean),
+        "high": max(float(high), mean),
+        "n": int(x.size),
+    }
+
+
+# --- the report's ten generations, done right ---------------------------------------------
+
+
+def run_generations(
+    model,
+    tokenizer,
+    samples,
+    selector=None,
+    learner=None,
+    context_source="label",
+    assigner=None,
+    max_new_tokens=32,
+    show_progress=True,
+    desc="generations",
+) -> dict[str, list]:
+    """Generate from each prompt (greedy), then score its real continuation teacher-forced.
+
+    With a `learner`, trust is updated after each generation from that score. Returns
+    {"records": one row per generation, "trust": a TrustTable snapshot after each one
+    (trust runs only)}. Rows hold the true and the used context, the held-out perplexity,
+    the generated text and, for trust runs, the fraction of (token, slot) pairs per layer
+    whose expert differs from the router's own top-k during scoring; with a learner, the
+    experts each layer used while scoring ({layer: [experts]}) and the update's summary.
+    """
+    records, snapshots = [], []
+    try:
+        for i, sample in enumerate(progress(samples, desc=desc, disable=not show_progress)):
+            context = _context_for(sample, context_source, assigner, model)
+            model.set_selector(selector)
+            if selector is not None:
+                selector.context = context
+            device = model.model.embed_tokens.weight.device
+            out = generate(model, sample.prompt.to(device)[None], max_new_tokens)
+            if selector is not None:
+                selector.log.clear()
+                selector.recording = True
+            nll, routing = score_continuation(model, sample, with_routing=learner is not None)
+            row = {
+                "generation": i + 1,
+                "arm": "baseline" if selector is None else "trust",
+                "context": sample.context,
+                "assigned": context,
+                "perplexity": math.exp(float(nll.mean())),
+                "mean_nll": float(nll.mean()),
+                "tokens": int(nll.numel()),
+                "generated": tokenizer.decode(out[0, sample.prompt.numel() :].tolist()),
+            }
+            if selector is not None:
+                selector.recording = False
+                row["slots_changed"] = selector.slots_changed_by_layer()
+                selector.log.clear()
+            if learner is not None:
+                row["experts_used"] = {
+                    layer: r.sum(0).nonzero().flatten().tolist() for layer, r in routing.items()
+                }
+                row.update(
+                    {
+                        f"update_{k}": v
+                        for k, v in learner.update(context, nll, routing).items()
+                        if k != "context"
+                    }
+                )
+                snapshots.append(learner.table.clone())
+            records.append(row)
+    finally:
+        model.set_selector(None)
+    return {"records": records, "trust": snapshots}
+
+
+def first_last_effect(records: list[dict], n: int = 3) -> dict:
+    """The report's "learning effect": mean perplexity of the first n vs the last n
+    generations of one run, as a % improvement. It compares different prompts."""
+    if len(records) < 2 * n:
+        raise ValueError(
+            f"need at least {2 * n} generations for first/last {n}, got {len(records)}"
+        )
+    first = sum(r["perplexity"] for r in records[:n]) / n
+    last = sum(r["perplexity"] for r in records[-n:]) / n
+    return {"first": first, "last": last, "effect_percent": 100 * (first - last) / first}
+
+
+def trust_changes(snapshots: list[TrustTable]) -> list[dict]:
+    """Per snapshot (after each generation): which contexts, layers and experts ({layer:
+    [experts]}) changed since the previous one (the first is compared with a neutral
+    table), and how many (layer, context, expert) cells."""
+    out = []
+    previous = None
+    for snapshot in snapshots:
+        before = (
+            previous.trust
+            if previous is not None
+            else torch.full_like(snapshot.trust, snapshot.prior)
+        )
+        moved = snapshot.trust != before  # (L, C, E)
+        out.append(
+            {
+                "contexts": [
+                    snapshot.contexts[c] for c in moved.any(-1).any(0).nonzero().flatten().tolist()
+                ],
+                "layers": [
+                    snapshot.layers[i] for i in moved.any(-1).any(1).nonzero().flatten().tolist()
+                ],
+                "cells": int(moved.sum()),
+                "experts": {
+                    layer: moved[i].any(0).nonzero().flatten().tolist()
+                    for i, layer in enumerate(snapshot.layers)
+                    if moved[i].any()
+                },
+            }
+        )
+        previous = snapshot
+    return out
+
+
+# --- results ------------------------------------------------------------------------------
+
+
+def save_records(records: list[dict], name: str, directory=None) -> dict[str, Path]:
+    """Write records as `<name>.csv` and `<name>.json` under `directory` (default results/),
+    atomically. Nested values (dicts, lists) are JSON-encoded in the CSV."""
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"results name must be a plain file stem, got {name!r}")
+    out = Path(directory) if directory is not None else RESULTS
+    columns = list(dict.fromkeys(k for r in records for k in r))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for r in records:
+        writer.writerow(
+            {k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in r.items()}
+        )
+    paths = {"csv": out / f"{name}.csv", "json": out / f"{name}.json"}
+    atomic_write_bytes(paths["csv"], buffer.getvalue().encode("utf-8"))
+    atomic_write_bytes(
+        paths["json"],
+        (json.dumps(records, indent=1, sort_keys=True, default=_jsonable) + "\n").encode("utf-8"),
+    )
+    return paths
+
+
+def _jsonable(obj):
+    if isinstance(obj, TrustProtocol):
+        return asdict(obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"cannot write {type(obj).__name__} to JSON")
+
+
+# --- summaries and figures ----------------------------------------------------------------
+
+
+def final_effects(
+    model,
+    tokenizer,
+    protocol: TrustProtocol,
+    variants: dict[str, dict],
+    seed: int = 0,
+    corpus=None,
+    show_progress: bool = True,
+) -> list[dict]:
+    """For each named variant (protocol fields to replace), run the protocol evaluated only
+    before and after all updates; one row per variant: the overall paired effect at the
+    end with its bootstrap CI (as in `effect_summary`)."""
+    from dataclasses import replace
+
+    rows = []
+    for name, change in variants.items():
+        variant = replace(protocol, **{"eval_every": protocol.num_updates or 1, **change})
+        curve = run_learning_curve(model, tokenizer, variant, corpus, show_progress, desc=name)[
+            "curve"
+        ]
+        final = [
+            r
+            for r in effect_summary(curve, seed)
+            if r["step"] == variant.num_updates and r["context"] == ALL
+        ]
+        rows.append({"variant": name, **change, **final[0]})
+    return rows
+
+
+def verdict(row: dict) -> str:
+    """What a CI of the relative perplexity change (trust vs router) supports:
+    "improvement" (CI below zero), "harm" (CI above zero) or "no difference"."""
+    if row["ci_high"] < 0:
+        return "improvement"
+    return "harm" if row["ci_low"] > 0 else "no difference"
+
+
+def effect_summary(curve: list[dict], seed: int = 0) -> list[dict]:
+    """Per (step, context): the paired relative perplexity change trust vs baseline over
+    seeds, its seeded bootstrap 95% CI, and each arm's mean perplexity."""
+    out = []
+    steps = sorted({r["step"] for r in curve})
+    contexts = [c for c in (*CONTEXTS, ALL) if any(r["context"] == c for r in curve)]
+    for context in contexts:
+        for step in steps:
+            effects = paired_effect(curve, step, context)
+            ci = bootstrap_ci([e["relative_ppl_change"] for e in effects], seed=seed)
+            arms = {
+                arm: float(
+                    np.mean(
+                        [
+                            r["perplexity"]
+                            for r in curve
+                            if r["step"] == step and r["context"] == context and r["arm"] == arm
+                        ]
+                    )
+                )
+                for arm in ("baseline", "trust")
+            }
+            out.append(
+                {
+                    "step": step,
+                    "context": context,
+                    "seeds": ci["n"],
+                    "baseline_ppl": arms["baseline"],
+                    "trust_ppl": arms["trust"],
+                    "relative_change": ci["mean"],
+                    "ci_low": ci["low"],
+                    "ci_high": ci["high"],
+                }
+            )
+    return out
+
+
+def plot_learning_curve(curve: list[dict], seed: int = 0):
+    """Top: held-out perplexity per context and overall, trust and baseline, mean over
+    seeds with bootstrap 95% CI bands. Bottom: the paired relative change with its CI."""
+    import matplotlib.pyplot as plt
+
+    summary = effect_summary(curve, seed)
+    contexts = list(dict.fromkeys(r["context"] for r in summary))
+    fig, axes = plt.subplots(
+        2, len(contexts), figsize=(3.2 * len(contexts), 5.6), sharex=True, squeeze=False
+    )
+    for j, context in enumerate(contexts):
+        rows = [r for r in summary if r["context"] == context]
+        steps = [r["step"] for r in rows]
+        top, bottom = axes[0, j], axes[1, j]
+        for arm, color in (("baseline", "0.35"), ("trust", "C0")):
+            per_step = [
+                [
+                    r["perplexity"]
+                    for r in curve
+                    if r["step"] == s and r["context"] == context and r["arm"] == arm
+                ]
+                for s in steps
+            ]
+            cis = [bootstrap_ci(v, seed=seed) for v in per_step]
+            top.plot(
+                steps,
+                [c["mean"] for c in cis],
+                color=color,
+                marker="o",
+                ms=3,
+                label="router alone" if arm == "baseline" else "trust",
+            )
+            top.fill_between(
+                steps,
+                [c["low"] for c in cis],
+                [c["high"] for c in cis],
+                color=color,
+                alpha=0.2,
+                lw=0,
+            )
+        top.set_title(context)
+        bottom.axhline(0, color="0.5", lw=0.8)
+        bottom.plot(steps, [100 * r["relative_change"] for r in rows], color="C3", marker="o", ms=3)
+        bottom.fill_between(
+            steps,
+            [100 * r["ci_low"] for r in rows],
+            [100 * r["ci_high"] for r in rows],
+            color="C3",
+            alpha=0.2,
+            lw=0,
+        )
+        bottom.set_xlabel("trust updates")
+    axes[0, 0].set_ylabel("held-out perplexity")
+    axes[1, 0].set_ylabel("trust vs router (% perplexity)")
+    axes[0, 0].legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_generations(baseline: list[dict], trust: list[dict]):
+    """Per-generation held-out perplexity of the two arms on the same prompts."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    x = [r["generation"] for r in baseline]
+    ax.plot(x, [r["perplexity"] for r in baseline], color="0.35", marker="o", label="router alone")
+    ax.plot(
+        x,
+        [r["perplexity"] for r in trust],
+        color="C0",
+        marker="s",
+        ls="--",
+        label="trust-augmented",
+    )
+    for r in baseline:
+        ax.annotate(
+            r["context"][:4],
+            (r["generation"], r["perplexity"]),
+            fontsize=7,
+            textcoords="offset points",
+            xytext=(0, 6),
+            ha="center",
+        )
+    ax.set_xticks(x)
+    ax.set_xlabel("generation")
+    ax.set_ylabel("held-out perplexity\n(teacher-forced)")
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def plot_trust_heatmaps(snapshots: list[TrustTable], records: list[dict]):
+    """One heatmap per context: trust (deviation from neutral, nats) of every (layer,
+    expert) after each generation. Rows: generations; columns: experts, grouped by layer."""
+    import matplotlib.pyplot as plt
+
+    table = snapshots[-1]
+    deviations = torch.stack([s.trust - s.prior for s in snapshots])  # (G, L, C, E)
+    limit = max(float(deviations.abs().max()), 1e-6)
+    fig, axes = plt.subplots(
+        len(table.contexts), 1, figsize=(8, 1.3 + 1.2 * len(table.contexts)), squeeze=False
+    )
+    for c, context in enumerate(table.contexts):
+        ax = axes[c, 0]
+        grid = deviations[:, :, c, :].reshape(len(snapshots), -1).numpy()
+        image = ax.imshow(
+            grid, aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest"
+        )
+        for boundary in range(1, len(table.layers)):
+            ax.axvline(boundary * table.num_experts - 0.5, color="k", lw=0.6)
+        used = [r["generation"] for r in records if r["assigned"] == context]
+        ax.set_ylabel(
+            f"{context}\n(updated at {used})" if used else f"{context}\n(never)", fontsize=8
+        )
+        ax.set_yticks(
+            range(len(snapshots)), [str(i + 1) for i in range(len(snapshots))], fontsize=6
+        )
+        ax.set_xticks(
+            [(i + 0.5) * table.num_experts for i in range(len(table.layers))],
+            [f"layer {layer}" for layer in table.layers],
+        )
+        fig.colorbar(image, ax=ax, fraction=0.02, pad=0.01)
+    axes[0, 0].set_title("trust - prior (nats) after each generation; columns: experts by layer")
+    fig.tight_layout()
+    return fig
+
+
+def plot_slots_changed(records: list[dict]):
+    """Fraction of (token, slot) pairs per layer whose expert differs from the router's."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3))
+    layers = sorted({int(layer) for r in records for layer in r["slots_changed"]})
+    x = [r["generation"] for r in records]
+    for layer in layers:
+        ax.plot(
+            x,
+            [100 * r["slots_changed"][layer] for r in records],
+            marker="o",
+            ms=3,
+            label=f"layer {layer}",
+        )
+    ax.set_xticks(x)
+    ax.set_xlabel("generation (trust before its update)")
+    ax.set_ylabel("expert slots changed\nvs router top-k (%)")
+    ax.legend(frameon=False, fontsize=8, ncol=len(layers))
+    fig.tight_layout()
+    return fig

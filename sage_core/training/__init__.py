@@ -1,0 +1,1 @@
+"""Training the embedded default model (models/q3omni-tiny)."""
