@@ -1,6 +1,7 @@
 """Reading real Qwen3-Omni config.json files in every layout."""
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -271,3 +272,13 @@ def test_config_hash_is_stable_and_sensitive():
         ThinkerTextConfig(**{**cfg.to_dict(), "mrope_section": (4, 4, 4), "mlp_only_layers": (1,)})
         == cfg
     )
+
+
+def test_each_field_is_one_key_of_the_written_file():
+    """The dataclass is the only list of keys: the writer emits one key per field."""
+    text = nested_config_dict(small_config())["thinker_config"]["text_config"]
+    rope = text.pop("rope_scaling")
+    assert text.pop("model_type") == "qwen3_omni_moe_text" and rope.pop("rope_type") == "default"
+    names = {f.metadata.get("key", f.name) for f in dataclasses.fields(ThinkerTextConfig)}
+    assert sorted([*text, *rope]) == sorted(names)
+    assert len(text) + len(rope) == len(dataclasses.fields(ThinkerTextConfig))

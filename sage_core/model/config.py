@@ -4,7 +4,10 @@ Three layouts reach us: the full checkpoint (`model_type: qwen3_omni_moe`, the t
 model under `thinker_config.text_config`), a thinker-only export (a dict with
 `text_config` at the top) and a bare text export (the text config itself). Rotary
 settings live in `rope_scaling` (older files) or `rope_parameters` (newer ones), with
-`rope_theta` beside them or inside. All of it lands in one frozen dataclass.
+`rope_theta` beside them or inside. All of it lands in one frozen dataclass, whose
+fields are the only list of config keys: `parse_config` and `nested_config_dict`
+walk `dataclasses.fields()`, and each field's metadata says where its key lives in
+the file when that is not the field's own name at the top of the text config.
 """
 
 import dataclasses
@@ -18,30 +21,52 @@ from sage_core.errors import CheckpointError
 NESTED_MODEL_TYPES = {"qwen3_omni_moe"}
 THINKER_MODEL_TYPES = {"qwen3_omni_moe_thinker"}
 TEXT_MODEL_TYPES = {"qwen3_omni_moe_text", "qwen3_omni_moe_thinker_text"}
+ROPE_SECTION = "rope_scaling"  # what the writer names the rotary dict (readers accept both)
+
+
+def _key(default=dataclasses.MISSING, **metadata):
+    """A config field with how it appears in `config.json`. Metadata keys:
+
+    key: the name in the file (default: the field's name);
+    section: ROPE_SECTION when the key lives in the rotary dict;
+    also_in_rope: the rotary dict may carry the key too, and wins (rope_theta);
+    required: missing from the file is an error even though the dataclass has a default;
+    if_missing: the value when the file omits the key, for a field without a default;
+    only: the one value this implementation supports, with why: the reason for others.
+    """
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
 class ThinkerTextConfig:
     vocab_size: int
-    hidden_size: int
+    hidden_size: int  # H, the residual stream width
     num_hidden_layers: int
     num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    intermediate_size: int  # width of the dense MLP (mlp_only_layers); 0 when no layer is dense
-    moe_intermediate_size: int
-    num_experts: int
-    num_experts_per_tok: int
-    norm_topk_prob: bool = True
+    num_key_value_heads: int  # grouped-query attention: query heads share these KV heads
+    head_dim: int  # defaults to hidden_size // num_attention_heads when the file omits it
+    # Width of the dense MLP (mlp_only_layers); 0 when no layer is dense.
+    intermediate_size: int = _key(if_missing=0)
+    moe_intermediate_size: int  # width of one expert's MLP
+    num_experts: int  # E, experts per sparse layer
+    num_experts_per_tok: int  # k, experts each token is routed to
+    norm_topk_prob: bool = True  # renormalise the k routing weights to sum to one
     rms_norm_eps: float = 1e-6
-    rope_theta: float = 1_000_000.0
-    mrope_section: tuple[int, int, int] = (24, 20, 20)
-    mrope_interleaved: bool = True
-    decoder_sparse_step: int = 1
-    mlp_only_layers: tuple[int, ...] = ()
-    hidden_act: str = "silu"
-    attention_bias: bool = False
-    tie_word_embeddings: bool = False
+    rope_theta: float = _key(1_000_000.0, also_in_rope=True, required=True)
+    # Rotary frequency pairs given to the (temporal, height, width) position axes.
+    mrope_section: tuple[int, int, int] = _key((24, 20, 20), section=ROPE_SECTION, required=True)
+    mrope_interleaved: bool = _key(
+        True,
+        key="interleaved",
+        section=ROPE_SECTION,
+        only=True,
+        why="Qwen3-Omni uses the interleaved M-RoPE layout only",
+    )
+    decoder_sparse_step: int = 1  # layer i is sparse when (i + 1) % step == 0 ...
+    mlp_only_layers: tuple[int, ...] = ()  # ... and i is not listed here
+    hidden_act: str = _key("silu", only="silu", why="only 'silu'")
+    attention_bias: bool = _key(False, only=False, why="Qwen3-Omni has none")
+    tie_word_embeddings: bool = False  # lm_head shares the embedding matrix
     max_position_embeddings: int = 32768
 
     def is_sparse(self, layer_idx: int) -> bool:
@@ -53,14 +78,16 @@ class ThinkerTextConfig:
         )
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["mrope_section"] = list(self.mrope_section)
-        d["mlp_only_layers"] = list(self.mlp_only_layers)
-        return d
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     def config_hash(self) -> str:
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _plain(value):
+    """A field's value as JSON holds it (tuples become lists)."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _text_section(raw: dict, source: str) -> dict:
@@ -94,30 +121,11 @@ def _text_section(raw: dict, source: str) -> dict:
     return raw
 
 
-def _field(raw: dict, name: str, kind, source: str, default=dataclasses.MISSING):
-    if name not in raw or raw[name] is None:
-        if default is dataclasses.MISSING:
-            raise CheckpointError(f"{source}: missing required field {name!r}")
-        return default
-    value = raw[name]
-    ok = {
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, int | float) and not isinstance(value, bool),
-        bool: isinstance(value, bool),
-        str: isinstance(value, str),
-    }[kind]
-    if not ok:
-        raise CheckpointError(f"{source}: field {name!r} must be {kind.__name__}, got {value!r}")
-    return kind(value)
-
-
-def parse_config(raw: dict, source: str = "config.json") -> ThinkerTextConfig:
-    """Turn a parsed `config.json` (any of the three layouts) into a ThinkerTextConfig."""
-    text = _text_section(raw, source)
-
+def _rope_section(text: dict, source: str) -> dict:
+    """The rotary dict (`rope_parameters`, else `rope_scaling`), checked to be the default kind."""
     rope = text.get("rope_parameters")
     if rope is None:
-        rope = text.get("rope_scaling")
+        rope = text.get(ROPE_SECTION)
     if rope is None:
         rope = {}
     if not isinstance(rope, dict):
@@ -127,67 +135,66 @@ def parse_config(raw: dict, source: str = "config.json") -> ThinkerTextConfig:
         raise CheckpointError(
             f"{source}: unsupported rope_type {rope_type!r} in 'rope_scaling'; only 'default'"
         )
-    if "rope_theta" in rope:
-        rope_theta = _field(rope, "rope_theta", float, source)
-    else:
-        rope_theta = _field(text, "rope_theta", float, source)
-    section = rope.get("mrope_section")
-    if section is None:
-        raise CheckpointError(f"{source}: missing required field 'rope_scaling.mrope_section'")
-    if (
-        not isinstance(section, list | tuple)
-        or len(section) != 3
-        or not all(isinstance(s, int) and not isinstance(s, bool) for s in section)
-    ):
-        raise CheckpointError(
-            f"{source}: field 'mrope_section' must be a list of 3 ints, got {section!r}"
-        )
-    interleaved = rope.get("interleaved", rope.get("mrope_interleaved", True))
-    if interleaved is not True:
-        raise CheckpointError(
-            f"{source}: field 'rope_scaling.interleaved' is {interleaved!r}; "
-            "Qwen3-Omni uses the interleaved M-RoPE layout only"
-        )
+    return rope
 
-    hidden = _field(text, "hidden_size", int, source)
-    heads = _field(text, "num_attention_heads", int, source)
-    mlp_only = text.get("mlp_only_layers") or []
-    if not isinstance(mlp_only, list | tuple) or not all(
-        isinstance(i, int) and not isinstance(i, bool) for i in mlp_only
-    ):
-        raise CheckpointError(f"{source}: field 'mlp_only_layers' must be a list of ints")
-    hidden_act = _field(text, "hidden_act", str, source, "silu")
-    if hidden_act != "silu":
-        raise CheckpointError(f"{source}: field 'hidden_act' is {hidden_act!r}; only 'silu'")
-    attention_bias = _field(text, "attention_bias", bool, source, False)
-    if attention_bias:
-        raise CheckpointError(f"{source}: field 'attention_bias' is true; Qwen3-Omni has none")
 
-    cfg = ThinkerTextConfig(
-        vocab_size=_field(text, "vocab_size", int, source),
-        hidden_size=hidden,
-        num_hidden_layers=_field(text, "num_hidden_layers", int, source),
-        num_attention_heads=heads,
-        num_key_value_heads=_field(text, "num_key_value_heads", int, source),
-        head_dim=_field(text, "head_dim", int, source, hidden // heads if heads > 0 else 0),
-        intermediate_size=_field(text, "intermediate_size", int, source, 0),
-        moe_intermediate_size=_field(text, "moe_intermediate_size", int, source),
-        num_experts=_field(text, "num_experts", int, source),
-        num_experts_per_tok=_field(text, "num_experts_per_tok", int, source),
-        norm_topk_prob=_field(text, "norm_topk_prob", bool, source, True),
-        rms_norm_eps=_field(text, "rms_norm_eps", float, source, 1e-6),
-        rope_theta=rope_theta,
-        mrope_section=tuple(section),
-        mrope_interleaved=True,
-        decoder_sparse_step=_field(text, "decoder_sparse_step", int, source, 1),
-        mlp_only_layers=tuple(sorted(set(mlp_only))),
-        hidden_act=hidden_act,
-        attention_bias=attention_bias,
-        tie_word_embeddings=_field(
-            text, "tie_word_embeddings", bool, source, raw.get("tie_word_embeddings", False)
-        ),
-        max_position_embeddings=_field(text, "max_position_embeddings", int, source, 32768),
-    )
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _convert(value, kind, label: str, source: str):
+    """`value` from the file as a field of type `kind`, or a CheckpointError naming `label`."""
+    if kind in (tuple[int, int, int], tuple[int, ...]):
+        fixed = kind == tuple[int, int, int]
+        if (
+            isinstance(value, list | tuple)
+            and (not fixed or len(value) == 3)
+            and all(_is_int(v) for v in value)
+        ):
+            return tuple(value) if fixed else tuple(sorted(set(value)))
+        expected = "a list of 3 ints" if fixed else "a list of ints"
+        raise CheckpointError(f"{source}: field {label!r} must be {expected}, got {value!r}")
+    ok = {
+        int: _is_int(value),
+        float: isinstance(value, int | float) and not isinstance(value, bool),
+        bool: isinstance(value, bool),
+        str: isinstance(value, str),
+    }[kind]
+    if not ok:
+        raise CheckpointError(f"{source}: field {label!r} must be {kind.__name__}, got {value!r}")
+    return kind(value)
+
+
+def parse_config(raw: dict, source: str = "config.json") -> ThinkerTextConfig:
+    """Turn a parsed `config.json` (any of the three layouts) into a ThinkerTextConfig."""
+    text = _text_section(raw, source)
+    rope = _rope_section(text, source)
+    values = {}
+    for f in dataclasses.fields(ThinkerTextConfig):
+        key, meta = f.metadata.get("key", f.name), f.metadata
+        section = rope if meta.get("section") == ROPE_SECTION else text
+        if meta.get("also_in_rope") and key in rope:
+            section = rope
+        label = f"{meta['section']}.{key}" if "section" in meta else key
+        value = section.get(key)
+        if value is None and key == "interleaved":
+            value = section.get("mrope_interleaved")  # the key's older name
+        if value is not None:
+            value = _convert(value, f.type, label, source)
+        elif f.name == "head_dim" and values["num_attention_heads"] > 0:
+            value = values["hidden_size"] // values["num_attention_heads"]
+        elif f.name == "tie_word_embeddings" and raw.get(key) is not None:
+            value = _convert(raw[key], f.type, key, source)  # set on the outer config
+        elif "if_missing" in meta:
+            value = meta["if_missing"]
+        elif f.default is dataclasses.MISSING or meta.get("required"):
+            raise CheckpointError(f"{source}: missing required field {label!r}")
+        else:
+            value = f.default
+        if "only" in meta and value != meta["only"]:
+            raise CheckpointError(f"{source}: field {label!r} is {value!r}; {meta['why']}")
+        values[f.name] = value
+    cfg = ThinkerTextConfig(**values)
     _validate(cfg, source)
     return cfg
 
@@ -247,33 +254,12 @@ def read_config(path) -> ThinkerTextConfig:
 
 def nested_config_dict(cfg: ThinkerTextConfig) -> dict:
     """The real Qwen3-Omni `config.json` layout for `cfg` (what checkpoint writers save)."""
-    text = {
-        "model_type": "qwen3_omni_moe_text",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_hidden_layers,
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_key_value_heads,
-        "head_dim": cfg.head_dim,
-        "hidden_act": cfg.hidden_act,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_scaling": {
-            "mrope_section": list(cfg.mrope_section),
-            "interleaved": True,
-            "rope_type": "default",
-        },
-        "attention_bias": cfg.attention_bias,
-        "decoder_sparse_step": cfg.decoder_sparse_step,
-        "moe_intermediate_size": cfg.moe_intermediate_size,
-        "num_experts_per_tok": cfg.num_experts_per_tok,
-        "num_experts": cfg.num_experts,
-        "norm_topk_prob": cfg.norm_topk_prob,
-        "mlp_only_layers": list(cfg.mlp_only_layers),
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-    }
+    text = {"model_type": "qwen3_omni_moe_text"}
+    rope = {"rope_type": "default"}
+    for f in dataclasses.fields(cfg):
+        section = rope if f.metadata.get("section") == ROPE_SECTION else text
+        section[f.metadata.get("key", f.name)] = _plain(getattr(cfg, f.name))
+    text[ROPE_SECTION] = rope
     return {
         "architectures": ["Qwen3OmniMoeForConditionalGeneration"],
         "model_type": "qwen3_omni_moe",
