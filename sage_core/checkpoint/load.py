@@ -18,7 +18,6 @@ The model's own keys drive the load, so a stray checkpoint buffer such as a floa
 recomputed in float32 by `MultimodalRotaryEmbedding.reset_buffers`.
 """
 
-import operator
 from pathlib import Path
 
 import torch
@@ -40,41 +39,7 @@ from sage_core.checkpoint.reader import (
 )
 from sage_core.dtypes import parse_dtype
 from sage_core.errors import CheckpointError
-from sage_core.model.config import read_config
-
-
-def _layer_indices(layers, num_layers: int) -> list[int]:
-    """`layers` argument (None, N for the first N, or a list of indices) -> sorted indices."""
-    if layers is None:
-        return list(range(num_layers))
-    if isinstance(layers, bool):
-        raise ValueError(f"layers must be None, an int or a list of ints, got {layers!r}")
-    if isinstance(layers, int):
-        if not 1 <= layers <= num_layers:
-            raise ValueError(
-                f"layers={layers}: the model has {num_layers} layers; need 1..{num_layers}"
-            )
-        return list(range(layers))
-    if not isinstance(layers, list | tuple | range):
-        raise ValueError(
-            f"layers must be None, an int or a list of ints, got {type(layers).__name__}"
-        )
-    if len(layers) == 0:
-        raise ValueError("layers is an empty list; give at least one layer index")
-    indices = []
-    for item in layers:
-        if isinstance(item, bool):
-            raise ValueError(f"layers contains {item!r}, not a layer index")
-        try:
-            idx = operator.index(item)
-        except TypeError:
-            raise ValueError(f"layers contains {item!r}, not an int layer index") from None
-        if not 0 <= idx < num_layers:
-            raise ValueError(f"layers contains {idx}, out of range [0, {num_layers})")
-        indices.append(idx)
-    if len(set(indices)) != len(indices):
-        raise ValueError(f"layers contains duplicates: {list(layers)}")
-    return sorted(indices)
+from sage_core.model.config import read_config, select_layers
 
 
 def _check_resident_bound(max_resident_experts) -> None:
@@ -117,7 +82,7 @@ def load_thinker(
             raise CheckpointError(f"{path}: not a directory; give the checkpoint directory")
         raise CheckpointError(f"{path}: checkpoint directory does not exist")
     cfg = read_config(path)
-    layer_indices = _layer_indices(layers, cfg.num_hidden_layers)
+    layer_indices = select_layers(layers, cfg.num_hidden_layers)
     _check_resident_bound(max_resident_experts)
     dtype = parse_dtype(dtype)
     try:

@@ -2,12 +2,9 @@
 
 import torch
 
-from sage_core.checkpoint.load import (
-    _check_resident_bound,
-    _layer_indices,
-)
+from sage_core.checkpoint.load import _check_resident_bound
 from sage_core.dtypes import parse_dtype
-from sage_core.model.config import ThinkerTextConfig
+from sage_core.model.config import ThinkerTextConfig, select_layers
 
 
 def memory_estimate(
@@ -59,7 +56,7 @@ def memory_estimate(
     )
     if layers is not None or max_resident_experts is not None:
         _check_resident_bound(max_resident_experts)
-        chosen = part_bytes(_layer_indices(layers, c.num_hidden_layers), max_resident_experts)
+        chosen = part_bytes(select_layers(layers, c.num_hidden_layers), max_resident_experts)
         out["resident"] = (
             chosen["experts"] + chosen["attention_norms_router"] + chosen["dense_mlp"] + embeddings
         )

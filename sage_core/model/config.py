@@ -13,6 +13,8 @@ the file when that is not the field's own name at the top of the text config.
 import dataclasses
 import hashlib
 import json
+import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -266,3 +268,40 @@ def nested_config_dict(cfg: ThinkerTextConfig) -> dict:
         "enable_audio_output": False,
         "thinker_config": {"model_type": "qwen3_omni_moe_thinker", "text_config": text},
     }
+
+
+def select_layers(layers, num_layers: int, name: str = "layers") -> list[int]:
+    """The one check of a layer choice: None (all), N (the first N) or a sequence of
+    distinct indices in [0, num_layers) -> sorted indices. `name` is the argument's name
+    in the messages (a ValueError)."""
+    if layers is None:
+        return list(range(num_layers))
+    if (
+        isinstance(layers, bool)
+        or not isinstance(layers, int | Sequence)
+        or isinstance(layers, str | bytes)
+    ):
+        kind = repr(layers) if isinstance(layers, bool | str) else type(layers).__name__
+        raise ValueError(f"{name} must be None, an int or a list of ints, got {kind}")
+    if isinstance(layers, int):
+        if not 1 <= layers <= num_layers:
+            raise ValueError(
+                f"{name}={layers}: the model has {num_layers} layers; need 1..{num_layers}"
+            )
+        return list(range(layers))
+    if len(layers) == 0:
+        raise ValueError(f"{name} is empty; give at least one layer index")
+    indices = []
+    for item in layers:
+        try:
+            if isinstance(item, bool):
+                raise TypeError
+            index = operator.index(item)
+        except TypeError:
+            raise ValueError(f"{name} contains {item!r}; layer indices must be ints") from None
+        if not 0 <= index < num_layers:
+            raise ValueError(f"{name} contains {index}, out of range [0, {num_layers})")
+        indices.append(index)
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"{name} contains duplicates: {list(layers)}")
+    return sorted(indices)

@@ -7,14 +7,13 @@ for the KV cache, the selector hook and routing traces.
 """
 
 import contextlib
-import operator
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from sage_core.model.attention import Attention, KVCache, RMSNorm, chunk_mask
-from sage_core.model.config import ThinkerTextConfig
+from sage_core.model.config import ThinkerTextConfig, select_layers
 from sage_core.model.moe import DenseMLP, ExpertSelector, RouterTopK, SparseMoeBlock
 from sage_core.model.rope import MultimodalRotaryEmbedding
 
@@ -75,7 +74,9 @@ class Qwen3OmniThinker(nn.Module):
     ):
         super().__init__()
         self.config = config
-        self.layer_indices = _check_layer_indices(layer_indices, config.num_hidden_layers)
+        self.layer_indices = select_layers(
+            layer_indices, config.num_hidden_layers, name="layer_indices"
+        )
         self.model = ThinkerTextModel(config, self.layer_indices)
         self.lm_head = (
             nn.Linear(config.hidden_size, config.vocab_size, bias=False) if with_lm_head else None
@@ -225,24 +226,3 @@ class Qwen3OmniThinker(nn.Module):
             if missing:
                 raise ValueError(f"cache has no entries for layers {sorted(missing)}")
         return B, S
-
-
-def _check_layer_indices(layer_indices, num_layers: int) -> list[int]:
-    if layer_indices is None:
-        return list(range(num_layers))
-    indices = []
-    for i in layer_indices:
-        try:
-            if isinstance(i, bool):
-                raise TypeError
-            i = operator.index(i)
-        except TypeError:
-            raise ValueError(f"layer_indices must be ints, got {i!r}") from None
-        indices.append(i)
-        if not 0 <= i < num_layers:
-            raise ValueError(f"layer index {i} out of range [0, {num_layers})")
-    if len(set(indices)) != len(indices):
-        raise ValueError(f"layer_indices has duplicates: {indices}")
-    if not indices:
-        raise ValueError("layer_indices is empty")
-    return sorted(indices)
