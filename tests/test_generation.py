@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from sage_core.model.config import ThinkerTextConfig
-from sage_core.model.generation import _window_plan, generate, perplexity
+from sage_core.model.generation import generate, perplexity, window_plan
 from sage_core.model.thinker import Qwen3OmniThinker
 
 CONFIG = ThinkerTextConfig(
@@ -162,10 +162,10 @@ def test_sliding_window_perplexity_equals_hand_computation(model, window, stride
 
 def test_window_plan_scores_every_token_once():
     for n, window, stride in [(2, 2, 1), (10, 3, 2), (100, 17, 16), (9, 20, 3)]:
-        targets = [t for s, e, first in _window_plan(n, window, stride) for t in range(first, e)]
+        targets = [t for s, e, first in window_plan(n, window, stride) for t in range(first, e)]
         assert targets == list(range(1, n))
         assert all(
-            0 <= s < first and e - s <= window for s, e, first in _window_plan(n, window, stride)
+            0 <= s < first and e - s <= window for s, e, first in window_plan(n, window, stride)
         )
 
 

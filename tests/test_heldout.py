@@ -14,10 +14,9 @@ from sage_core.corpus.heldout import (
     js_divergence,
     routing_statistics,
     score_documents,
-    window_plan,
 )
 from sage_core.model.config import ThinkerTextConfig
-from sage_core.model.generation import perplexity
+from sage_core.model.generation import perplexity, window_plan
 from sage_core.model.thinker import Qwen3OmniThinker
 from sage_core.model.tokenizer import ByteTokenizer
 
@@ -48,8 +47,7 @@ def model():
 )
 def test_window_plan_scores_every_target_once(n, window, stride):
     scored = []
-    for start, first in window_plan(n, window, stride):
-        end = min(start + window, n)
+    for start, end, first in window_plan(n, window, stride):
         assert end - start == min(window, n)
         assert first - start >= min(window - stride, first) or start == 0
         scored.extend(range(first, end))

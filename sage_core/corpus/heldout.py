@@ -23,6 +23,7 @@ import torch
 
 from sage_core.corpus import CONTEXTS, Corpus
 from sage_core.corpus.ngram import ByteTrigramModel
+from sage_core.model.generation import window_plan
 
 LOG2E = 1.0 / math.log(2.0)
 HEAD_CHUNK = 1024  # rows through the lm head at once: bounds logits memory for a 152k vocabulary
@@ -58,21 +59,6 @@ def document_stream(documents, tokenizer) -> tuple[np.ndarray, np.ndarray]:
         ids.extend(toks)
         doc_of.extend([d] * len(toks))
     return np.asarray(ids, dtype=np.int64), np.asarray(doc_of, dtype=np.int64)
-
-
-def window_plan(n: int, window: int, stride: int) -> list[tuple[int, int]]:
-    """[(start, first_target)] for windows of exactly `window` tokens (fewer only when the
-    stream is shorter). Targets first_target .. start + window - 1 are scored in that window;
-    every target 1 .. n - 1 is scored once, with >= window - stride tokens of context once
-    the first window is full."""
-    if n <= window:
-        return [(0, 1)]
-    plan, end = [(0, 1)], window
-    while end < n:
-        new_end = min(end + stride, n)
-        plan.append((new_end - window, end))
-        end = new_end
-    return plan
 
 
 @dataclass
@@ -122,11 +108,11 @@ def score_documents(
     bits, targets_of, routing = [], [], {}
     for b in range(0, len(plan), batch_size):
         chunk = plan[b : b + batch_size]
-        batch = torch.from_numpy(np.stack([ids[s : s + length] for s, _ in chunk])).to(device)
+        batch = torch.from_numpy(np.stack([ids[s:end] for s, end, _ in chunk])).to(device)
         # predictor row (window, position) for every target scored in this batch
         rows, targets = [], []
-        for w, (s, first) in enumerate(chunk):
-            t = np.arange(first, s + length)
+        for w, (s, end, first) in enumerate(chunk):
+            t = np.arange(first, end)
             t = t[~np.isin(ids[t], list(special))]
             rows.append(np.stack([np.full(t.size, w), t - 1 - s], axis=1))
             targets.append(t)

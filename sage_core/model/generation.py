@@ -88,10 +88,11 @@ class Perplexity:
     num_tokens: int  # tokens scored (all but the first)
 
 
-def _window_plan(n: int, window: int, stride: int):
-    """[(start, end, first_target)]: run tokens [start, end), score targets
-    [first_target, end). Every token after the first is scored exactly once, with at
-    least `window - stride` tokens of left context once the first window is full."""
+def window_plan(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """[(start, end, first_target)] over a stream of n tokens: run tokens [start, end),
+    score targets [first_target, end). Every window holds min(window, n) tokens; every
+    target 1 .. n - 1 is scored exactly once, with at least `window - stride` tokens of
+    left context once the first window is full."""
     end = min(window, n)
     plan = [(0, end, 1)]
     while end < n:
@@ -136,7 +137,7 @@ def perplexity(model, token_ids, window=None, stride=None) -> Perplexity:
 
     total_nll = 0.0  # a Python float: the metric's accumulator, not an activation
     count = 0
-    for start, end, first_target in _window_plan(n, window, stride):
+    for start, end, first_target in window_plan(n, window, stride):
         ids = token_ids[start:end][None]
         hidden = model.hidden_states(ids)[0]
         # Target t is predicted from the hidden state at t - 1.
