@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sage_core.model.attention import KVCache
 from sage_core.model.config import ThinkerTextConfig
 from sage_core.model.generation import generate, perplexity, window_plan
 from sage_core.model.thinker import Qwen3OmniThinker
@@ -70,6 +71,43 @@ def test_cached_chunks_give_the_same_logits_as_one_forward(model):
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="max_len"):
         model(ids[:, :1], cache=cache)
+
+
+def test_kv_cache_update_writes_the_chunk_and_advances():
+    cache = KVCache(batch=1, max_len=6, kv_heads=2, head_dim=4, device="cpu", dtype=torch.float32)
+    first = torch.randn(1, 2, 3, 4)
+    k, v = cache.update(0, first, -first)
+    assert cache.length == 3 and torch.equal(k, first) and torch.equal(v, -first)
+    second = torch.randn(1, 2, 2, 4)
+    k, v = cache.update(3, second, -second)  # (B, kv_heads, 5, head_dim): all so far
+    assert cache.length == 5 and torch.equal(k, torch.cat([first, second], 2))
+    assert torch.equal(v, -torch.cat([first, second], 2))
+
+
+def test_a_forward_that_fails_part_way_leaves_the_cache_usable(model):
+    ids = prompt(1, 6, 4)
+    cache = model.new_cache(1, 6)
+    own = model.sparse_blocks()[0].selector
+
+    def fail_in_layer_2(router_logits, layer_idx, hidden_states):
+        if layer_idx == 2:
+            raise RuntimeError("selector failed")
+        return own(router_logits, layer_idx, hidden_states)
+
+    with torch.no_grad():
+        model(ids[:, :3], cache=cache)
+        model.set_selector(fail_in_layer_2)
+        try:
+            with pytest.raises(RuntimeError, match="selector failed"):
+                model(ids[:, 3:4], cache=cache)
+        finally:
+            model.set_selector(None)
+        # Every layer's attention stored position 3 before layer 2's experts failed.
+        held = cache.length
+        assert held == 4
+        rest = model(ids[:, held:], cache=cache)
+        full = model(ids)
+    torch.testing.assert_close(rest, full[:, held:], atol=1e-5, rtol=0)
 
 
 def test_seeded_sampling_is_reproducible_and_seed_dependent(model):

@@ -24,18 +24,43 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys and values per layer (gpt-fast style).
+    """Preallocated keys and values of one layer (gpt-fast's KVCache).
 
-    `length` positions are filled; the model advances it after each forward.
+    `update` writes each new chunk and advances `length`, the positions filled.
     """
 
-    def __init__(self, layer_indices, batch, max_len, kv_heads, head_dim, device, dtype):
+    def __init__(self, batch, max_len, kv_heads, head_dim, device, dtype):
         shape = (batch, kv_heads, max_len, head_dim)
-        self.k = {i: torch.zeros(shape, device=device, dtype=dtype) for i in layer_indices}
-        self.v = {i: torch.zeros(shape, device=device, dtype=dtype) for i in layer_indices}
+        self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
+        self.v_cache = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    def update(self, input_pos: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, kv_heads, S, head_dim) at positions input_pos .. input_pos + S - 1
+        -> keys and values of every position so far, each (B, kv_heads, input_pos + S, head_dim).
+        """
+        end = input_pos + k.shape[2]
+        self.k_cache[:, :, input_pos:end] = k
+        self.v_cache[:, :, input_pos:end] = v
+        self.length = end
+        return self.k_cache[:, :, :end], self.v_cache[:, :, :end]
+
+
+class ModelKVCache(dict):
+    """{layer index: KVCache} for the layers a model holds, all `batch` x `max_len`."""
+
+    def __init__(self, layer_indices, batch, max_len, kv_heads, head_dim, device, dtype):
+        super().__init__(
+            (i, KVCache(batch, max_len, kv_heads, head_dim, device, dtype)) for i in layer_indices
+        )
         self.batch = batch
         self.max_len = max_len
-        self.length = 0
+
+    @property
+    def length(self) -> int:
+        """Positions every layer holds. Each layer's update advances its own; after a
+        forward that failed part way, the next one continues from what all layers stored."""
+        return min(layer.length for layer in self.values())
 
 
 def chunk_mask(start: int, length: int, device) -> torch.Tensor | None:
@@ -65,19 +90,19 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(d, config.rms_norm_eps)
         self.k_norm = RMSNorm(d, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, kv=None, start: int = 0, mask=None):
-        """x (B, S, H); cos/sin (B, S, head_dim); kv an optional (k_buf, v_buf) cache pair
-        filled up to `start`; mask from `chunk_mask(start, S)`."""
+    def forward(self, x, cos, sin, kv_cache: KVCache | None = None, input_pos: int = 0, mask=None):
+        """x (B, S, H); cos/sin (B, S, head_dim); kv_cache holds the layer's first `input_pos`
+        positions (this call appends S); mask from `chunk_mask(input_pos, S)`."""
         B, S, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, S, self.num_heads, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim)  # (B, S, heads, head_dim)
+        k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim)  # (B, S, kv_heads, hd)
+        v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim)  # (B, S, kv_heads, hd)
+        q = self.q_norm(q).transpose(1, 2)  # (B, heads, S, head_dim)
+        k = self.k_norm(k).transpose(1, 2)  # (B, kv_heads, S, head_dim)
+        v = v.transpose(1, 2)  # (B, kv_heads, S, head_dim)
         q, k = apply_rotary(q, k, cos, sin)
-        if kv is not None:
-            k_buf, v_buf = kv
-            k_buf[:, :, start : start + S] = k
-            v_buf[:, :, start : start + S] = v
-            k, v = k_buf[:, :, : start + S], v_buf[:, :, : start + S]
+        if kv_cache is not None:
+            k, v = kv_cache.update(input_pos, k, v)  # (B, kv_heads, input_pos + S, head_dim)
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -86,5 +111,6 @@ class Attention(nn.Module):
             is_causal=mask is None and S > 1,
             scale=self.scaling,
             enable_gqa=self.num_kv_heads != self.num_heads,
-        )
-        return self.o_proj(y.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim))
+        )  # (B, heads, S, head_dim)
+        y = y.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim)  # (B, S, heads*hd)
+        return self.o_proj(y)

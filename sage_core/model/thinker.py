@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from sage_core.model.attention import Attention, KVCache, RMSNorm, chunk_mask
+from sage_core.model.attention import Attention, ModelKVCache, RMSNorm, chunk_mask
 from sage_core.model.config import ThinkerTextConfig, select_layers
 from sage_core.model.moe import DenseMLP, ExpertSelector, RouterTopK, SparseMoeBlock
 from sage_core.model.rope import MultimodalRotaryEmbedding
@@ -36,9 +36,9 @@ class DecoderLayer(nn.Module):
     def is_sparse(self) -> bool:
         return isinstance(self.mlp, SparseMoeBlock)
 
-    def forward(self, x, cos, sin, kv=None, start=0, mask=None):
-        """-> (x, router logits (B*S, E) or None for a dense layer)."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, start, mask)
+    def forward(self, x, cos, sin, kv_cache=None, input_pos=0, mask=None):
+        """x (B, S, H) -> (x, router logits (B*S, E) or None for a dense layer)."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, input_pos, mask)
         h = self.post_attention_layernorm(x)
         if self.is_sparse:
             h, router_logits = self.mlp(h)
@@ -136,12 +136,12 @@ class Qwen3OmniThinker(nn.Module):
 
     # --- forward -------------------------------------------------------------------
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
+    def new_cache(self, batch: int, max_len: int) -> ModelKVCache:
         """An empty KV cache for `batch` sequences of at most `max_len` positions."""
         if batch < 1 or max_len < 1:
             raise ValueError(f"batch and max_len must be positive, got {batch}, {max_len}")
         weight = self.model.embed_tokens.weight
-        return KVCache(
+        return ModelKVCache(
             self.layer_indices,
             batch,
             max_len,
@@ -151,23 +151,21 @@ class Qwen3OmniThinker(nn.Module):
             weight.dtype,
         )
 
-    def _decode(self, input_ids, position_ids=None, cache: KVCache | None = None):
+    def _decode(self, input_ids, position_ids=None, cache: ModelKVCache | None = None):
         """-> (hidden states after the final norm (B, S, H), tuple of router logits)."""
         B, S = self._check_inputs(input_ids, position_ids, cache)
-        start = cache.length if cache is not None else 0
-        x = self.model.embed_tokens(input_ids)
+        input_pos = cache.length if cache is not None else 0
+        x = self.model.embed_tokens(input_ids)  # (B, S, H)
         if position_ids is None:
-            position_ids = torch.arange(start, start + S, device=x.device).expand(B, S)
-        cos, sin = self.model.rotary_emb(x, position_ids)
-        mask = chunk_mask(start, S, x.device)
+            position_ids = torch.arange(input_pos, input_pos + S, device=x.device).expand(B, S)
+        cos, sin = self.model.rotary_emb(x, position_ids)  # each (B, S, head_dim)
+        mask = chunk_mask(input_pos, S, x.device)
         router_logits = []
         for i in self.layer_indices:
-            kv = (cache.k[i], cache.v[i]) if cache is not None else None
-            x, logits = self.model.layers[str(i)](x, cos, sin, kv, start, mask)
+            kv_cache = cache[i] if cache is not None else None
+            x, logits = self.model.layers[str(i)](x, cos, sin, kv_cache, input_pos, mask)
             if logits is not None:
                 router_logits.append(logits)
-        if cache is not None:
-            cache.length = start + S
         return self.model.norm(x), tuple(router_logits)
 
     def forward(
@@ -175,7 +173,7 @@ class Qwen3OmniThinker(nn.Module):
         input_ids: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         output_router_logits: bool = False,
-        cache: KVCache | None = None,
+        cache: ModelKVCache | None = None,
     ):
         """Logits (B, S, vocab); with output_router_logits, (logits, router logits per
         sparse layer in layer order, each (B*S, E))."""
@@ -187,7 +185,7 @@ class Qwen3OmniThinker(nn.Module):
         logits = self.lm_head(hidden)
         return (logits, router_logits) if output_router_logits else logits
 
-    def hidden_states(self, input_ids, position_ids=None, cache: KVCache | None = None):
+    def hidden_states(self, input_ids, position_ids=None, cache: ModelKVCache | None = None):
         """Hidden states after the final norm, (B, S, H)."""
         return self._decode(input_ids, position_ids, cache)[0]
 
@@ -222,7 +220,7 @@ class Qwen3OmniThinker(nn.Module):
                     f"cache of max_len {cache.max_len} holds {cache.length} positions; "
                     f"{S} more do not fit"
                 )
-            missing = set(self.layer_indices) - set(cache.k)
+            missing = set(self.layer_indices) - set(cache)
             if missing:
                 raise ValueError(f"cache has no entries for layers {sorted(missing)}")
         return B, S
