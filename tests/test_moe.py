@@ -78,14 +78,34 @@ def test_grouped_and_gathered_experts_equal_a_per_token_loop(T, k):
 
 
 @pytest.mark.parametrize("bad", [E, -1])
-def test_an_expert_index_out_of_range_is_a_clear_error_on_every_path(bad):
-    experts = random_experts()
-    x = torch.randn(1, H)
-    indices, weights = torch.tensor([[0, bad]]), torch.rand(1, 2)
-    with torch.no_grad(), pytest.raises(ValueError, match=f"layer has {E}"):
-        single_token_expert_mix(x, indices, weights, experts)
-    with torch.no_grad(), pytest.raises((ValueError, RuntimeError)):
-        grouped_expert_mix(x, indices, weights, experts)
+@pytest.mark.parametrize("path", ["grouped", "single_token", "gathered"])
+def test_an_expert_index_out_of_range_is_one_clear_error_on_every_path(monkeypatch, path, bad):
+    block = moe.SparseMoeBlock(CONFIG, layer_idx=2)
+    block.gate = nn.Linear(H, E, bias=False)
+    block.experts = random_experts()
+    ran = []  # which expert path each forward took
+    for name in ("grouped_expert_mix", "single_token_expert_mix", "gathered_expert_mix"):
+        mix = getattr(moe, name)
+        monkeypatch.setattr(moe, name, lambda *a, _n=name, _mix=mix: ran.append(_n) or _mix(*a))
+    if path == "gathered":  # the CUDA few-token path, forced on CPU
+        monkeypatch.setattr(moe, "GATHER_DEVICES", ("cpu",))
+    last_expert = [0]
+
+    def selector(router_logits, layer_idx, hidden_states):
+        indices = torch.zeros(hidden_states.shape[0], 2, dtype=torch.int64)
+        indices[-1, 1] = last_expert[0]
+        return indices, torch.full(indices.shape, 0.5)
+
+    object.__setattr__(block, "selector", selector)
+    x = torch.randn(1, 1 if path == "single_token" else 3, H)
+    with torch.no_grad():
+        block(x)  # in range: the path under test runs
+        assert ran == [f"{path}_expert_mix"]
+        last_expert[0] = bad
+        message = rf"layer 2 chose expert {bad}, outside the valid range \[0, {E}\)"
+        with pytest.raises(ValueError, match=message):
+            block(x)
+    assert ran == [f"{path}_expert_mix"]  # rejected before any expert ran
 
 
 def test_grouped_experts_with_autograd_equal_the_inference_path_and_have_gradients():

@@ -91,32 +91,27 @@ def grouped_expert_mix(x, indices, weights, experts) -> torch.Tensor:
     Experts are requested one at a time and released before the next is asked for.
     """
     # Experts run one after another, each GEMM over all torch threads. Whole experts on
-    # single-threaded worker threads make the products alone 1.2-1.3x faster on 2 cores,
-    # but amid a model's other ops 0.92-0.97x: OpenMP's threads keep spinning after every
-    # multi-threaded op and take a core from the workers (`python -m benchmarks.expert_threads`).
+    # single-threaded worker threads speed up the products alone, but slow them down amid
+    # a model's other ops: OpenMP's threads keep spinning after every multi-threaded op and
+    # take a core from the workers (`python -m benchmarks.expert_threads`, RESULTS.md).
     T, k = indices.shape
-    flat = indices.reshape(-1)
-    order = flat.argsort(stable=True)
-    token_of = order // k
-    counts = torch.bincount(flat, minlength=experts.num_experts)
-    if counts.numel() > experts.num_experts:
-        raise ValueError(
-            f"selector chose expert {counts.numel() - 1}, but the layer has "
-            f"{experts.num_experts} experts"
-        )
+    flat = indices.reshape(-1)  # (T*k,) expert of each (token, slot)
+    order = flat.argsort(stable=True)  # (T*k,) slots grouped by expert
+    token_of = order // k  # (T*k,) token of each sorted slot
+    counts = torch.bincount(flat, minlength=experts.num_experts)  # (E,)
     used = counts.nonzero().squeeze(1)
     plan = zip(*torch.stack([used, counts[used]]).tolist())  # the one host sync
-    ws = weights.reshape(-1).index_select(0, order)[:, None]
+    ws = weights.reshape(-1).index_select(0, order)[:, None]  # (T*k, 1)
     if torch.is_grad_enabled():  # autograd cannot follow matmuls into a buffer (out=)
-        xs = x.index_select(0, token_of)  # 5x faster than x[token_of] on CPU, same values
+        xs = x.index_select(0, token_of)  # (T*k, H); index_select beats x[token_of] on CPU
         rows = [_expert_ffn(xs[s : s + n], *experts.expert(e)) for e, s, n in _spans(plan)]
         ys = torch.cat(rows) * ws
     else:
         # Each expert's down matmul writes its rows of one buffer: no per-expert outputs
-        # to concatenate (12% of a 256-token prefill in the mid benchmark). On CPU both
-        # buffers are reused from call to call (see _WORKSPACE).
-        xs = torch.index_select(x, 0, token_of, out=_buffer("xs", T * k, x))
-        ys = _buffer("ys", T * k, x)
+        # to concatenate (a measurable share of a prefill). On CPU both buffers are reused
+        # from call to call (see _WORKSPACE).
+        xs = torch.index_select(x, 0, token_of, out=_buffer("xs", T * k, x))  # (T*k, H)
+        ys = _buffer("ys", T * k, x)  # (T*k, H)
         for e, start, n in _spans(plan):
             gate_up, down = experts.expert(e)
             _expert_ffn(xs[start : start + n], gate_up, down, out=ys[start : start + n])
@@ -127,9 +122,9 @@ def grouped_expert_mix(x, indices, weights, experts) -> torch.Tensor:
 
 class _Workspace(threading.local):
     """Per-thread CPU buffers for the sorted tokens and their expert outputs, kept between
-    calls. Fresh multi-MiB tensors come from the OS page by page: a mid-config 256-token
-    prefill took 13,467 page faults and 15% of its time in them; with these buffers, none.
-    (CUDA's caching allocator already reuses memory.) Held: the largest T*k x H seen, twice;
+    calls. Fresh multi-MiB tensors come from the OS page by page, and a prefill spent a
+    large share of its time in those page faults; with these buffers, none. (CUDA's
+    caching allocator already reuses memory.) Held: the largest T*k x H seen, twice;
     `release_workspace()` frees them."""
 
     def __init__(self):
@@ -178,27 +173,23 @@ def _expert_ffn(x, gate_up, down, out=None):
 def single_token_expert_mix(x, indices, weights, experts) -> torch.Tensor:
     """The same sum for one token (decode) without autograd: its k experts in turn, each
     writing one row of a (k, H) buffer, then one (1, k) x (k, H) product with the weights.
-    Sorting and scattering one token's slots is pure overhead: 5% of a mid decode step."""
-    ys = x.new_empty(indices.shape[1], x.shape[1])
+    Sorting and scattering one token's slots is pure overhead for a decode step."""
+    ys = x.new_empty(indices.shape[1], x.shape[1])  # (k, H)
     chosen = indices[0].tolist()  # the one host sync
-    if not all(0 <= e < experts.num_experts for e in chosen):
-        raise ValueError(
-            f"selector chose experts {chosen}, but the layer has {experts.num_experts}"
-        )
     for j, e in enumerate(chosen):
         gate_up, down = experts.expert(e)
         _expert_ffn(x, gate_up, down, out=ys[j : j + 1])
         del gate_up, down  # a bounded on-demand cache may evict (and reuse) it now
-    return torch.mm(weights, ys)
+    return torch.mm(weights, ys)  # (1, k) x (k, H) -> (1, H)
 
 
 def gathered_expert_mix(x, indices, weights, experts: ResidentExperts) -> torch.Tensor:
     """The same sum for a few tokens: gather each token's k experts' weights (gpt-fast)."""
     gate_up = experts.gate_up_proj[indices]  # (T, k, 2I, H)
     down = experts.down_proj[indices]  # (T, k, H, I)
-    gate, up = torch.einsum("th,tkih->tki", x, gate_up).chunk(2, dim=-1)
-    y = torch.einsum("tki,tkhi->tkh", F.silu(gate) * up, down)
-    return (y * weights[..., None]).sum(dim=1)
+    gate, up = torch.einsum("th,tkih->tki", x, gate_up).chunk(2, dim=-1)  # each (T, k, I)
+    y = torch.einsum("tki,tkhi->tkh", F.silu(gate) * up, down)  # (T, k, H)
+    return (y * weights[..., None]).sum(dim=1)  # (T, H)
 
 
 class SparseMoeBlock(nn.Module):
@@ -219,9 +210,9 @@ class SparseMoeBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, S, H) -> (output (B, S, H), router_logits (B*S, E))."""
         shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        router_logits = F.linear(x, self.gate.weight)
-        indices, weights = self.selector(router_logits, self.layer_idx, x)
+        x = x.reshape(-1, shape[-1])  # (T = B*S, H)
+        router_logits = F.linear(x, self.gate.weight)  # (T, E)
+        indices, weights = self.selector(router_logits, self.layer_idx, x)  # each (T, k)
         self._check_choice(indices, weights, x)
         if self.trace is not None:
             self.trace.append((indices.detach().cpu(), weights.detach().cpu()))
@@ -235,9 +226,11 @@ class SparseMoeBlock(nn.Module):
             out = single_token_expert_mix(x, indices, weights, self.experts)
         else:
             out = grouped_expert_mix(x, indices, weights, self.experts)
-        return out.reshape(shape), router_logits
+        return out.reshape(shape), router_logits  # (B, S, H), (T, E)
 
     def _check_choice(self, indices, weights, x):
+        """The one check of a selector's choice, before any of the three expert paths runs
+        (the gather path would silently index expert E-1 for -1)."""
         T = x.shape[0]
         if indices.dim() != 2 or indices.shape[0] != T or indices.dtype != torch.int64:
             raise ValueError(
@@ -249,6 +242,14 @@ class SparseMoeBlock(nn.Module):
                 f"selector for layer {self.layer_idx} returned weights of shape "
                 f"{tuple(weights.shape)} and dtype {weights.dtype}; expected "
                 f"{tuple(indices.shape)} in the hidden states' dtype {x.dtype}"
+            )
+        if indices.numel() == 0:
+            return
+        lo, hi = torch.stack(torch.aminmax(indices)).tolist()  # one host sync
+        if lo < 0 or hi >= self.num_experts:
+            raise ValueError(
+                f"selector for layer {self.layer_idx} chose expert {lo if lo < 0 else hi}, "
+                f"outside the valid range [0, {self.num_experts})"
             )
 
 
