@@ -7,13 +7,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from checkpoints import foreign_tensors
 from safetensors import safe_open
 
 from sage_core.checkpoint import (
     SafetensorsReader,
     detect_layout,
     experts,
-    foreign_tensors,
     load_thinker,
     memory_estimate,
     reader,

@@ -6,9 +6,10 @@ import re
 
 import pytest
 import torch
+from checkpoints import foreign_tensors
 from safetensors.torch import load_file, save_file
 
-from sage_core.checkpoint import foreign_tensors, load_thinker, save_thinker_checkpoint
+from sage_core.checkpoint import load_thinker, save_thinker_checkpoint
 from sage_core.errors import CheckpointError
 from sage_core.model.config import ThinkerTextConfig
 from sage_core.model.thinker import Qwen3OmniThinker

@@ -7,6 +7,7 @@ states and logits to 1e-4 in float32.
 
 import pytest
 import torch
+from checkpoints import foreign_tensors
 from torch import nn
 from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import (
     Qwen3OmniMoeTextConfig,
@@ -15,7 +16,7 @@ from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
     Qwen3OmniMoeThinkerTextModel,
 )
 
-from sage_core.checkpoint import foreign_tensors, load_thinker, save_thinker_checkpoint
+from sage_core.checkpoint import load_thinker, save_thinker_checkpoint
 from sage_core.model.config import parse_config
 
 ATOL = 1e-4

@@ -5,7 +5,7 @@ from sage_core.checkpoint.layout import detect_layout
 from sage_core.checkpoint.load import load_thinker
 from sage_core.checkpoint.memory import memory_estimate
 from sage_core.checkpoint.reader import SafetensorsReader
-from sage_core.checkpoint.save import foreign_tensors, save_thinker_checkpoint
+from sage_core.checkpoint.save import save_thinker_checkpoint
 
 __all__ = [
     "ExpertCache",
@@ -13,7 +13,6 @@ __all__ = [
     "OnDemandExperts",
     "SafetensorsReader",
     "detect_layout",
-    "foreign_tensors",
     "load_thinker",
     "memory_estimate",
     "save_thinker_checkpoint",

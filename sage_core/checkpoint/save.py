@@ -117,26 +117,3 @@ def save_thinker_checkpoint(
         atomic_write_json(out_dir / INDEX_FILE, index)
     atomic_write_json(out_dir / "config.json", nested_config_dict(config))
     return out_dir
-
-
-def foreign_tensors(seed: int = 0, dtype=torch.bfloat16) -> dict[str, torch.Tensor]:
-    """Small stand-ins for the non-thinker weights the real file also holds.
-
-    Real key names (talker, code2wav, audio tower, vision tower) with tiny random tensors,
-    for `save_thinker_checkpoint(..., extra_tensors=...)`, so tests can prove the loader
-    never reads them.
-    """
-    shapes = {
-        "talker.model.layers.0.self_attn.q_proj.weight": (16, 8),
-        "talker.model.layers.0.mlp.experts.0.gate_proj.weight": (4, 8),
-        "talker.codec_head.weight": (12, 8),
-        "talker.model.codec_embedding.weight": (12, 8),
-        "code2wav.decoder.0.conv.weight": (8, 4, 3),
-        "code2wav.upsample.0.0.conv.weight": (8, 8, 2),
-        "thinker.audio_tower.layers.0.fc1.weight": (16, 8),
-        "thinker.audio_tower.conv2d1.weight": (4, 1, 3, 3),
-        "thinker.visual.blocks.0.attn.qkv.weight": (24, 8),
-        "thinker.visual.merger.mlp.0.weight": (8, 16),
-    }
-    gen = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(s, generator=gen).to(dtype) for k, s in shapes.items()}
