@@ -5,6 +5,7 @@ import dataclasses
 import json
 
 import pytest
+from transformers.models.qwen3_omni_moe import configuration_qwen3_omni_moe as conf
 
 from sage_core.errors import CheckpointError
 from sage_core.model.config import (
@@ -249,7 +250,6 @@ def test_nested_config_dict_round_trips_through_parse_and_json(tmp_path):
 
 
 def test_nested_config_dict_is_read_by_transformers():
-    conf = pytest.importorskip("transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe")
     cfg = small_config()
     hf = conf.Qwen3OmniMoeConfig.from_dict(nested_config_dict(cfg))
     text = hf.thinker_config.text_config

@@ -2,16 +2,13 @@
 
 import pytest
 import torch
+from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as transformers_omni
+from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import (
+    Qwen3OmniMoeTextConfig,
+)
 
 from sage_core.model.config import parse_config
 from sage_core.model.thinker import Qwen3OmniThinker
-
-transformers_omni = pytest.importorskip(
-    "transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe"
-)
-from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import (  # noqa: E402
-    Qwen3OmniMoeTextConfig,
-)
 
 TOL = 1e-4
 

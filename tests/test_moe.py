@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf
 
 from sage_core.model import moe
 from sage_core.model.config import ThinkerTextConfig
@@ -322,7 +323,6 @@ def test_provider_with_expert_only_gives_resident_outputs(model):
 
 
 def test_load_balancing_loss_matches_transformers():
-    hf = pytest.importorskip("transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe")
     g = torch.Generator().manual_seed(3)
     logits = tuple(torch.randn(20, E, generator=g) for _ in range(3))
     for top_k in (1, 2, 3):

@@ -4,6 +4,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from transformers.models.qwen3_omni_moe import (
+    configuration_qwen3_omni_moe,
+    modeling_qwen3_omni_moe,
+)
 
 from sage_core.model.rope import (
     MultimodalRotaryEmbedding,
@@ -51,6 +55,18 @@ def test_shapes_for_2d_and_3d_positions():
     torch.testing.assert_close(sin2, sin3, rtol=0, atol=0)
 
 
+def turned(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The RoPE definition, written independently of rotate_half: pair i of a head vector,
+    (x_i, x_{i + half}), read as the complex number x_i + j x_{i + half}, is multiplied by
+    exp(j * position * inv_freq[i]) (a counter-clockwise turn). positions (S,) for x (..., S, D).
+    """
+    half = HEAD_DIM // 2
+    # The angle is rounded to float32 as the model's table is, then taken in float64.
+    angle = (positions.to(torch.float32)[:, None] * rope_inv_freq(HEAD_DIM, THETA)).double()
+    z = torch.complex(x[..., :half], x[..., half:]) * torch.polar(torch.ones_like(angle), angle)
+    return torch.cat([z.real, z.imag], dim=-1)
+
+
 @given(
     seed=st.integers(0, 2**16),
     seq=st.integers(1, 9),
@@ -58,14 +74,20 @@ def test_shapes_for_2d_and_3d_positions():
     offset=st.integers(0, 10_000),
 )
 @FAST
-def test_rotation_preserves_norm_of_each_head_vector(seed, seq, heads, offset):
+def test_rotation_turns_each_pair_by_position_times_frequency(seed, seq, heads, offset):
+    """Norm-preserving and in the right direction: a turn the other way (rotate_half's sign
+    flipped) preserves norms too, so the result is compared with the definition."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(1, heads, seq, HEAD_DIM, generator=g, dtype=torch.float64)
     k = torch.randn(1, heads, seq, HEAD_DIM, generator=g, dtype=torch.float64)
-    cos, sin = tables(torch.arange(offset, offset + seq)[None], dtype=torch.float64)
+    positions = torch.arange(offset, offset + seq)
+    cos, sin = tables(positions[None], dtype=torch.float64)
     q_rot, k_rot = apply_rotary(q, k, cos, sin)
     torch.testing.assert_close(q_rot.norm(dim=-1), q.norm(dim=-1))
     torch.testing.assert_close(k_rot.norm(dim=-1), k.norm(dim=-1))
+    # cos/sin are float32 values (then cast): agreement to float32 precision.
+    torch.testing.assert_close(q_rot, turned(q, positions), rtol=0, atol=1e-5)
+    torch.testing.assert_close(k_rot, turned(k, positions), rtol=0, atol=1e-5)
 
 
 @given(
@@ -89,6 +111,10 @@ def test_score_depends_only_on_relative_position(seed, m, n, shift):
 
     # The table is float32 before the cast, so agreement is to float32 angle precision.
     torch.testing.assert_close(score(m, n), score(m + shift, n + shift), rtol=1e-4, atol=1e-3)
+    # ... and it is the definition's score. A turn the other way keeps the invariance but
+    # depends on n - m where RoPE depends on m - n: only this comparison catches it.
+    relative = (turned(q, torch.tensor([m])) * turned(k, torch.tensor([n]))).sum()
+    torch.testing.assert_close(score(m, n), relative, rtol=1e-4, atol=1e-3)
 
 
 def test_rotation_angle_is_position_times_frequency():
@@ -141,11 +167,7 @@ def test_interleave_mrope_directly():
 
 
 def _transformers_rope():
-    modeling = pytest.importorskip("transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe")
-    config_mod = pytest.importorskip(
-        "transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe"
-    )
-    config = config_mod.Qwen3OmniMoeTextConfig(
+    config = configuration_qwen3_omni_moe.Qwen3OmniMoeTextConfig(
         hidden_size=64,
         num_attention_heads=2,
         head_dim=HEAD_DIM,
@@ -156,7 +178,7 @@ def _transformers_rope():
             "interleaved": True,
         },
     )
-    return modeling.Qwen3OmniMoeThinkerTextRotaryEmbedding(config)
+    return modeling_qwen3_omni_moe.Qwen3OmniMoeThinkerTextRotaryEmbedding(config)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

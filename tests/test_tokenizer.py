@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import tokenizers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -57,7 +58,6 @@ def test_missing_tokenizer_names_the_files_looked_for(tmp_path):
 
 
 def test_tokenizer_json_through_tokenizers(tmp_path):
-    tokenizers = pytest.importorskip("tokenizers")
     bpe = tokenizers.models.BPE(
         vocab={"a": 0, "b": 1, "ab": 2, "<|endoftext|>": 3}, merges=[("a", "b")]
     )
@@ -71,7 +71,6 @@ def test_tokenizer_json_through_tokenizers(tmp_path):
 
 
 def test_vocab_and_merges_through_tokenizers(tmp_path):
-    pytest.importorskip("tokenizers")
     # byte-level alphabet for "hi": 'h', 'i', merged "hi"
     (tmp_path / "vocab.json").write_text(json.dumps({"h": 0, "i": 1, "hi": 2}))
     (tmp_path / "merges.txt").write_text("#version: 0.2\nh i\n")
