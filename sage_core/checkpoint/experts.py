@@ -110,12 +110,13 @@ def expert_stack(num: int, rows: int, cols: int, dtype, device) -> torch.Tensor:
     """An empty [num, rows, cols] stack of expert matrices.
 
     On CPU every [rows, cols] matrix is stored transposed (column-major), so F.linear(x, w)
-    multiplies by a row-major w.T: on this project's 2-core CPU (mid config, float32) a
-    one-token decode ran 15-17% faster, and a 256-token prefill 2% faster, than with
-    row-major experts, for sage_core and transformers alike. Elsewhere (unmeasured, e.g. the
-    CUDA gather path) the usual row-major layout. Shapes, names and values are the same."""
+    multiplies by a row-major w.T: on this project's 2-core CPU decode and prefill ran
+    faster than with row-major experts, for sage_core and transformers alike (the
+    benchmarks run on these stacks; benchmarks/RESULTS.md). Elsewhere (unmeasured, e.g.
+    the CUDA gather path) the usual row-major layout. Shapes, names and values are the same."""
     if torch.device(device).type == "cpu":
-        return torch.empty(num, cols, rows, dtype=dtype, device=device).transpose(1, 2)
+        stack = torch.empty(num, cols, rows, dtype=dtype, device=device)
+        return stack.transpose(1, 2)  # (num, rows, cols), each matrix column-major
     return torch.empty(num, rows, cols, dtype=dtype, device=device)
 
 
@@ -149,7 +150,7 @@ class ExpertCache:
     An evicted entry that nothing else still refers to is kept as the spare: the loader
     may take it (`take_spare`) and read the next expert into its memory, so a full cache
     recycles its buffers instead of freeing and allocating one expert per miss, which
-    fragments the heap and raised peak RSS by ~40 MiB in the mid benchmark.
+    fragments the heap and raised the peak RSS of the mid benchmark.
     """
 
     def __init__(self, capacity: int):

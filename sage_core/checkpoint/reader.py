@@ -100,7 +100,8 @@ class Shard:
         shape, dtype, begin, end = self._span(key, index)
         if end == begin:
             return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(self._pread(end - begin, begin), dtype=dtype).reshape(shape)
+        flat = torch.frombuffer(self._pread(end - begin, begin), dtype=dtype)
+        return flat.reshape(shape)  # the header's shape
 
     def read_into(self, key: str, out: torch.Tensor, index: int | None = None) -> int:
         """Copy `key` (or its row `index`) into `out`, converting; -> bytes read.
@@ -112,7 +113,8 @@ class Shard:
         if tuple(out.shape) != tuple(shape):
             raise ValueError(f"shape {list(shape)} does not fit a destination of {list(out.shape)}")
         if out.device.type == "cpu" and out.dtype == dtype and out.is_contiguous() and end > begin:
-            self._pread(end - begin, begin, into=memoryview(out.view(torch.uint8).numpy()))
+            out_bytes = memoryview(out.view(torch.uint8).numpy())  # out's memory, byte by byte
+            self._pread(end - begin, begin, into=out_bytes)
         else:
             out.copy_(self.read(key, index))
         return end - begin

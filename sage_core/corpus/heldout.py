@@ -121,7 +121,7 @@ def score_documents(
             with model.routing_trace() as trace:
                 hidden = model.hidden_states(batch)
             for layer, calls in trace.items():
-                chosen = calls[-1][0].reshape(len(chunk), length, -1)
+                chosen = calls[-1][0].reshape(len(chunk), length, -1)  # (windows, T, k)
                 routing.setdefault(layer, []).append(chosen[rows[:, 0], rows[:, 1]].to(torch.uint8))
         else:
             hidden = model.hidden_states(batch)

@@ -81,40 +81,35 @@ _NUMPY_FLOATS = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torc
                  np.dtype(np.float64): torch.float64}  # fmt: skip
 
 
-def _float_dtypes_of(obj, out: list) -> list:
-    """torch dtypes of the floating tensors and numpy arrays in `obj` (nested), in order."""
-    if isinstance(obj, torch.Tensor):
-        if obj.is_floating_point() and obj.device.type != "meta":
-            out.append(obj.dtype)
-    elif isinstance(obj, np.ndarray):
-        if obj.dtype in _NUMPY_FLOATS:
-            out.append(_NUMPY_FLOATS[obj.dtype])
-    elif isinstance(obj, (tuple, list)):
+def _leaves(obj):
+    """Everything in `obj` that is not a tuple, list or dict (nested), in order."""
+    if isinstance(obj, (tuple, list)):
         for item in obj:
-            _float_dtypes_of(item, out)
+            yield from _leaves(item)
     elif isinstance(obj, dict):
         for item in obj.values():
-            _float_dtypes_of(item, out)
-    return out
+            yield from _leaves(item)
+    else:
+        yield obj
+
+
+def _is_float_tensor(obj) -> bool:
+    return isinstance(obj, torch.Tensor) and obj.is_floating_point() and obj.device.type != "meta"
+
+
+def _float_dtypes_of(obj) -> list:
+    """torch dtypes of the floating tensors and numpy arrays in `obj` (nested), in order."""
+    return [
+        leaf.dtype if isinstance(leaf, torch.Tensor) else _NUMPY_FLOATS[leaf.dtype]
+        for leaf in _leaves(obj)
+        if _is_float_tensor(leaf) or (isinstance(leaf, np.ndarray) and leaf.dtype in _NUMPY_FLOATS)
+    ]
 
 
 def _tensor_float_inputs(args, kwargs) -> set:
     """dtypes of the floating *tensors* among the inputs. Numpy arrays do not count:
     crossing into torch is a boundary, and what comes out of it must follow the policy."""
-    tensors = []
-    _collect_tensors((args, kwargs), tensors)
-    return {t.dtype for t in tensors if t.is_floating_point() and t.device.type != "meta"}
-
-
-def _collect_tensors(obj, out: list) -> None:
-    if isinstance(obj, torch.Tensor):
-        out.append(obj)
-    elif isinstance(obj, (tuple, list)):
-        for item in obj:
-            _collect_tensors(item, out)
-    elif isinstance(obj, dict):
-        for item in obj.values():
-            _collect_tensors(item, out)
+    return {leaf.dtype for leaf in _leaves((args, kwargs)) if _is_float_tensor(leaf)}
 
 
 class _StrictMode(TorchFunctionMode):
@@ -241,7 +236,7 @@ class strict:  # noqa: N801 (a context manager used like a function: `with stric
         return entry is not None and dtype in entry[1]
 
     def _check(self, func, args, kwargs, out) -> None:
-        outputs = set(_float_dtypes_of(out, []))
+        outputs = set(_float_dtypes_of(out))
         outputs.discard(self.activation)
         if not outputs:
             return

@@ -270,6 +270,14 @@ def nested_config_dict(cfg: ThinkerTextConfig) -> dict:
     }
 
 
+def as_index(value) -> int:
+    """`value` as a Python int when it is an integer (numpy's included) and not a bool;
+    TypeError otherwise."""
+    if isinstance(value, bool):
+        raise TypeError(f"{value!r} is a bool, not an index")
+    return operator.index(value)
+
+
 def select_layers(layers, num_layers: int, name: str = "layers") -> list[int]:
     """The one check of a layer choice: None (all), N (the first N) or a sequence of
     distinct indices in [0, num_layers) -> sorted indices. `name` is the argument's name
@@ -294,9 +302,7 @@ def select_layers(layers, num_layers: int, name: str = "layers") -> list[int]:
     indices = []
     for item in layers:
         try:
-            if isinstance(item, bool):
-                raise TypeError
-            index = operator.index(item)
+            index = as_index(item)
         except TypeError:
             raise ValueError(f"{name} contains {item!r}; layer indices must be ints") from None
         if not 0 <= index < num_layers:

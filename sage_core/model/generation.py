@@ -1,11 +1,12 @@
 """Generation with the KV cache, and teacher-forced perplexity."""
 
 import math
-import operator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from sage_core.model.config import as_index
 
 # Rows of hidden states pushed through the lm head at once when scoring: bounds the
 # float32 logits held in memory (rows x vocab) for a real 152k vocabulary.
@@ -14,9 +15,7 @@ SCORE_CHUNK = 256
 
 def _int_arg(name: str, value, minimum: int) -> int:
     try:
-        if isinstance(value, bool):
-            raise TypeError
-        value = operator.index(value)
+        value = as_index(value)
     except TypeError:
         raise ValueError(f"{name} must be an int, got {value!r}") from None
     if value < minimum:
@@ -75,7 +74,7 @@ def generate(model, input_ids, max_new_tokens, temperature=0.0, top_p=1.0, seed=
     tokens = [input_ids]
     for step in range(max_new_tokens):
         token = _next_token(model.lm_head(hidden), temperature, top_p, generator)
-        tokens.append(token[:, None])
+        tokens.append(token[:, None])  # (B, 1)
         if step + 1 < max_new_tokens:
             hidden = model.hidden_states(token[:, None], cache=cache)[:, -1]
     return torch.cat(tokens, dim=1)
@@ -138,7 +137,7 @@ def perplexity(model, token_ids, window=None, stride=None) -> Perplexity:
     total_nll = 0.0  # a Python float: the metric's accumulator, not an activation
     count = 0
     for start, end, first_target in window_plan(n, window, stride):
-        ids = token_ids[start:end][None]
+        ids = token_ids[start:end][None]  # (1, end - start)
         hidden = model.hidden_states(ids)[0]
         # Target t is predicted from the hidden state at t - 1.
         predictors = hidden[first_target - 1 - start : end - 1 - start]

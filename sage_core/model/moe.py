@@ -146,7 +146,7 @@ def _buffer(name: str, rows: int, like: torch.Tensor) -> torch.Tensor:
         # written in place by a later call under no_grad.
         with torch.inference_mode(False):
             buffer = _WORKSPACE.buffers[key] = like.new_empty(rows * cols)
-    return buffer[: rows * cols].view(rows, cols)
+    return buffer[: rows * cols].view(rows, cols)  # (rows, cols)
 
 
 def release_workspace() -> None:
@@ -164,7 +164,7 @@ def _spans(plan):
 
 def _expert_ffn(x, gate_up, down, out=None):
     """One expert on rows x: down(silu(gate(x)) * up(x)); into `out` (no autograd) if given."""
-    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)  # each (rows, I)
     if out is None:
         return F.linear(F.silu(gate) * up, down)
     return torch.mm(F.silu(gate).mul_(up), down.t(), out=out)
@@ -270,5 +270,6 @@ def load_balancing_loss(router_logits, num_experts: int, top_k: int) -> torch.Te
         )
     probs = torch.softmax(logits, dim=-1)
     chosen = torch.topk(probs, top_k, dim=-1).indices
-    slot_share = torch.bincount(chosen.reshape(-1), minlength=num_experts) / logits.shape[0]
+    chosen = chosen.reshape(-1)  # (T*k,)
+    slot_share = torch.bincount(chosen, minlength=num_experts) / logits.shape[0]  # (E,)
     return num_experts * (slot_share * probs.mean(0)).sum()

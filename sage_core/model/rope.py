@@ -16,7 +16,7 @@ def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
     device = torch.get_default_device() if device is None else torch.device(device)
     if device.type == "meta":
         # No values to compute on meta, and arange there runs torch's Python reference
-        # kernels, whose import (sympy included) costs a loader ~68 MiB of RSS.
+        # kernels, whose import (sympy included) would dominate a loader's RSS.
         return torch.empty(head_dim // 2, dtype=torch.float32, device=device)
     exponent = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim
     return 1.0 / (theta**exponent)
@@ -81,7 +81,7 @@ class MultimodalRotaryEmbedding(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor):
         if position_ids.dim() == 2:
-            position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
+            position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)  # (3, B, S)
         if position_ids.dim() != 3 or position_ids.shape[0] != 3:
             raise ValueError(
                 f"position_ids must be (B, S) or (3, B, S), got {tuple(position_ids.shape)}"
@@ -100,5 +100,5 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """Rotate q and k of shape (B, heads, S, head_dim) with tables of shape (B, S, head_dim)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, S, head_dim): every head
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin

@@ -82,7 +82,7 @@ class Qwen3OmniThinker(nn.Module):
             nn.Linear(config.hidden_size, config.vocab_size, bias=False) if with_lm_head else None
         )
         # On the meta device (the loader's skeleton) there is nothing to initialise, and
-        # normal_ there imports torch's Python meta kernels (sympy included): ~68 MiB of RSS.
+        # normal_ there imports torch's Python meta kernels (sympy included), a large RSS cost.
         if not self.model.embed_tokens.weight.is_meta:
             self.init_weights()
         if self.lm_head is not None and config.tie_word_embeddings:
@@ -157,7 +157,8 @@ class Qwen3OmniThinker(nn.Module):
         input_pos = cache.length if cache is not None else 0
         x = self.model.embed_tokens(input_ids)  # (B, S, H)
         if position_ids is None:
-            position_ids = torch.arange(input_pos, input_pos + S, device=x.device).expand(B, S)
+            positions = torch.arange(input_pos, input_pos + S, device=x.device)
+            position_ids = positions.expand(B, S)  # (B, S)
         cos, sin = self.model.rotary_emb(x, position_ids)  # each (B, S, head_dim)
         mask = chunk_mask(input_pos, S, x.device)
         router_logits = []

@@ -16,7 +16,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sage_core.atomic import atomic_write_text
+from sage_core.atomic import atomic_write_json
 from sage_core.errors import CheckpointError
 
 BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
@@ -52,8 +52,7 @@ class ByteTokenizer:
 
     def save(self, directory: Path | str) -> Path:
         path = Path(directory) / BYTE_TOKENIZER_FILE
-        data = json.dumps({"type": "byte", **asdict(self)}, indent=2, sort_keys=True) + "\n"
-        return atomic_write_text(path, data)
+        return atomic_write_json(path, {"type": "byte", **asdict(self)})
 
     @classmethod
     def from_file(cls, path: Path | str) -> ByteTokenizer:
