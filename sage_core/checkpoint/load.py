@@ -112,26 +112,8 @@ def load_thinker(
             for i, source in sources.items():
                 model.model.layers[str(i)].mlp.experts = OnDemandExperts(i, source, cache)
 
-        # Pass 1: every key and shape, from the headers, before reading any data.
-        plan = {}  # model key -> checkpoint key, for everything but the stacked experts
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        for key, shape in expected.items():
-            if EXPERT_KEY.match(key):
-                continue
-            source_key = lm_head_key if key == "lm_head.weight" else file_key(key, layout)
-            _check_header(reader, source_key, shape)
-            plan[key] = source_key
-        for source in sources.values():
-            source.validate()
-
-        # Pass 2: read exactly those tensors, converted once to dtype on device.
-        state = {}
-        for key, source_key in plan.items():
-            if key == "lm_head.weight" and source_key == embed_key:  # tied: one copy
-                continue
-            state[key] = _owned(reader.read(source_key), device, dtype)
-        if plan.get("lm_head.weight") == embed_key:
-            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        plan = _check_headers(model, reader, layout, lm_head_key, sources)
+        state = _read_state(reader, plan, embed_key, device, dtype)
         if cache is None:
             for i, source in sources.items():
                 prefix = f"model.layers.{i}.mlp.experts."
@@ -149,3 +131,31 @@ def load_thinker(
         raise RuntimeError(f"load_thinker left tensors on the meta device: {leftover}")
     model.expert_cache = cache
     return model.eval()
+
+
+def _check_headers(model, reader, layout: str, lm_head_key, sources) -> dict[str, str]:
+    """Pass 1: every key and shape the model needs, from the headers, before reading any
+    data -> {model key: checkpoint key} for everything but the stacked experts."""
+    plan = {}
+    for key, tensor in model.state_dict().items():
+        if EXPERT_KEY.match(key):
+            continue
+        source_key = lm_head_key if key == "lm_head.weight" else file_key(key, layout)
+        _check_header(reader, source_key, tuple(tensor.shape))
+        plan[key] = source_key
+    for source in sources.values():
+        source.validate()
+    return plan
+
+
+def _read_state(reader, plan: dict[str, str], embed_key: str, device, dtype) -> dict:
+    """Pass 2: read exactly the planned tensors, each converted once to dtype on device;
+    a tied lm_head is the embedding itself, not a second copy."""
+    state = {}
+    for key, source_key in plan.items():
+        if key == "lm_head.weight" and source_key == embed_key:
+            continue
+        state[key] = _owned(reader.read(source_key), device, dtype)
+    if plan.get("lm_head.weight") == embed_key:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    return state
