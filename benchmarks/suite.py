@@ -24,12 +24,13 @@ from benchmarks.roofline import (
 from benchmarks.rss import measure_rss
 from benchmarks.timing import Ratio, interleaved, paired_rounds, time_call
 from sage_core import generate, load_thinker
-from sage_core.checkpoint import foreign_tensors, save_thinker_checkpoint
+from sage_core.checkpoint import save_thinker_checkpoint
 from sage_core.model.config import ThinkerTextConfig
 from sage_core.model.thinker import Qwen3OmniThinker
 from sage_core.paths import MODELS
 from sage_core.trust import TrustSelector, TrustTable
 from sage_core.trust.classifier import ContextClassifier
+from tests.checkpoints import foreign_tensors
 
 # float32 logits of sage_core and a reference must agree this closely (absolute, scaled
 # by the logits' own size) or the benchmark stops: a fast wrong model is not a result.
