@@ -84,8 +84,8 @@ class ExpertSource:
             # Laid out as in the resident stack (`expert_stack`), so a cached expert runs
             # the same kernels as a resident one and gives bit-identical outputs.
             with torch.inference_mode(False):
-                gate_up = expert_stack(1, *self.gate_up_shape, self.dtype, self.device)[0]
-                down = expert_stack(1, *self.down_shape, self.dtype, self.device)[0]
+                gate_up = expert_matrix(*self.gate_up_shape, self.dtype, self.device)
+                down = expert_matrix(*self.down_shape, self.dtype, self.device)
         return (gate_up, down), self.read_into(expert, gate_up, down)
 
     def _fits(self, gate_up, down) -> bool:
@@ -119,6 +119,14 @@ def expert_stack(num: int, rows: int, cols: int, dtype, device) -> torch.Tensor:
     if torch.device(device).type == "cpu":
         return torch.empty(num, cols, rows, dtype=dtype, device=device).transpose(1, 2)
     return torch.empty(num, rows, cols, dtype=dtype, device=device)
+
+
+def expert_matrix(rows: int, cols: int, dtype, device) -> torch.Tensor:
+    """One empty [rows, cols] expert matrix with the strides of a slice of `expert_stack`
+    (column-major on CPU). Not a view: the cache may recycle it (`_held_only_by_caller`)."""
+    if torch.device(device).type == "cpu":
+        return torch.empty_strided((rows, cols), (1, rows), dtype=dtype, device=device)
+    return torch.empty(rows, cols, dtype=dtype, device=device)
 
 
 def _held_only_by_caller(tensors) -> bool:
