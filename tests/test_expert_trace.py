@@ -160,10 +160,10 @@ def test_cache_aware_weights_keep_the_inner_sum_and_only_swap_uncached():
         cache.get((0, e), lambda: ("w", 1))
     logits = torch.full((1, 32), -5.0)
     logits[0, :4] = torch.tensor([3.0, 2.9, 2.0, 1.0])
-    logits[0, 5] = 1.95  # resident and unchosen, 0.05 below expert 2
+    logits[0, 5] = 0.95  # resident and unchosen, 0.05 below expert 3
     selector = CacheAwareSelector(model, 0.1)
     indices, weights = selector(logits, 0, torch.zeros(1, 128))
-    assert indices[0].tolist() == [0, 1, 5, 3]  # expert 2 (uncached) -> resident 5
+    assert indices[0].tolist() == [0, 1, 2, 5]  # expert 3 (uncached) -> resident 5
     assert torch.allclose(weights.sum(), torch.tensor(1.0))
     assert selector.swapped == 1
 
