@@ -496,3 +496,72 @@ def plot_cost(table):
     ax.legend(frameon=False, fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def trace_directory(traces_dir=None) -> Path:
+    """Where traces are written: `traces_dir`, or a fresh temporary directory for None."""
+    import tempfile
+
+    if traces_dir is None:
+        return Path(tempfile.mkdtemp(prefix="sage_traces_"))
+    path = Path(traces_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def load_traces(directory) -> dict[str, dict[str, RoutingTrace]]:
+    """The traces `save_traces` wrote, {context: {phase: trace}}."""
+    directory = Path(directory)
+    traces = {}
+    for context in CONTEXTS:
+        for phase in PHASES:
+            path = directory / f"{context}_{phase}.npz"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: no trace for {context}/{phase}")
+            traces.setdefault(context, {})[phase] = RoutingTrace.load(path)
+    return traces
+
+
+def rows_at(rows, **match) -> list[dict]:
+    """The rows whose fields equal every `match` value."""
+    return [r for r in rows if all(r[k] == v for k, v in match.items())]
+
+
+def mean_hit_rate(rows, policy: str, fraction: float, phase: str | None = None) -> float:
+    """A policy's hit rate at one size, averaged over contexts (and phases unless given)."""
+    match = {"policy": policy, "fraction": fraction}
+    if phase is not None:
+        match["phase"] = phase
+    mine = rows_at(rows, **match)
+    if not mine:
+        raise ValueError(f"no rows for {match}")
+    return float(np.mean([r["hit_rate"] for r in mine]))
+
+
+def belady_violations(rows) -> list[dict]:
+    """Rows of an online policy that beat Belady on the same trace and size (none if exact)."""
+    return [
+        r
+        for r in rows
+        if r["policy"] != "belady"
+        and r["hit_rate"]
+        > rows_at(
+            rows, context=r["context"], phase=r["phase"], fraction=r["fraction"], policy="belady"
+        )[0]["hit_rate"]
+    ]
+
+
+def prefetch_pairs(prefetch_rows) -> list[tuple[dict, dict]]:
+    """(without, with prefetch) rows of the same context, phase and policy."""
+    plain = {(r["context"], r["phase"], r["policy"]): r for r in prefetch_rows if not r["prefetch"]}
+    return [
+        (plain[(r["context"], r["phase"], r["policy"])], r) for r in prefetch_rows if r["prefetch"]
+    ]
+
+
+def best_within_cost(summary, max_cost: float = 0.01) -> dict:
+    """The threshold saving the most reads (mean) whose perplexity cost CI stays <= max_cost."""
+    cheap = [s for s in summary if s["perplexity_cost"]["high"] <= max_cost]
+    if not cheap:
+        raise ValueError(f"no threshold keeps the perplexity cost CI within {max_cost}")
+    return max(cheap, key=lambda s: s["fewer_reads"]["mean"])
