@@ -441,7 +441,8 @@ def plot_frontier(summary):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.axvspan(-100, 1.0, ymin=0, ymax=1, color="0.9", lw=0)
+    top = max(2.0, 1.1 * max(x["fewer_reads"]["high"] for x in summary))
+    ax.fill_between([-100, 1.0], 1.5, top, color="0.9", lw=0)  # the target region
     ax.axhline(1.5, color="0.5", ls=":", lw=1)
     ax.axvline(1.0, color="0.5", ls=":", lw=1, label="target: >= 1.5x fewer at <= 1% cost")
     for s in summary:
@@ -468,6 +469,7 @@ def plot_frontier(summary):
         min(-0.5, min(100 * s["perplexity_cost"]["low"] for s in summary) - 0.5),
         max(costs) * 1.1 + 0.5,
     )
+    ax.set_ylim(0.9, top)
     ax.set_xlabel("held-out perplexity cost (%)")
     ax.set_ylabel("x fewer experts read per token")
     ax.set_title("cache-aware selection (labels: logit threshold)", fontsize=10)
@@ -565,3 +567,9 @@ def best_within_cost(summary, max_cost: float = 0.01) -> dict:
     if not cheap:
         raise ValueError(f"no threshold keeps the perplexity cost CI within {max_cost}")
     return max(cheap, key=lambda s: s["fewer_reads"]["mean"])
+
+
+def first_reaching(summary, factor: float = 1.5) -> dict | None:
+    """The smallest threshold whose mean reads fall by at least `factor` (None if none)."""
+    reaching = [s for s in summary if s["fewer_reads"]["mean"] >= factor]
+    return min(reaching, key=lambda s: s["threshold"]) if reaching else None
