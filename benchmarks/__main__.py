@@ -79,8 +79,8 @@ def main(argv=None) -> int:
         "really used (benchmarks/roofline.py); the read rate is measured over as many bytes",
         "as the config's weights (its working set), since a small model is read from cache.",
         "\"ceiling estimate, same products\" is the reference's time over sage_core's matrix",
-        "products and attention kernels alone, replayed back to back: a guide to what an",
-        "implementation issuing the same products might reach.",
+        "products alone, replayed back to back (attention's fused kernel not included): a",
+        "guide to what an implementation issuing the same products might reach.",
         "",
         f"- {rates.describe()}",
         f"- torch {torch.__version__}, transformers {transformers.__version__}, "

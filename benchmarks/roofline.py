@@ -148,19 +148,7 @@ def decode_floor(model, prompt_ids, new_tokens: int, rates: MachineRates) -> flo
 class _RecordMatmuls(TorchDispatchMode):
     """Records every matrix product (with its very tensors) that runs under it."""
 
-    # Matrix products, and attention's fused kernels (their products and softmax).
-    OPS = {
-        "mm",
-        "addmm",
-        "bmm",
-        "baddbmm",
-        "mv",
-        "addmv",
-        "_scaled_dot_product_flash_attention_for_cpu",
-        "_scaled_dot_product_flash_attention",
-        "_scaled_dot_product_efficient_attention",
-        "_scaled_dot_product_cudnn_attention",
-    }
+    OPS = {"mm", "addmm", "bmm", "baddbmm", "mv", "addmv"}
 
     def __init__(self):
         super().__init__()
@@ -175,8 +163,7 @@ class _RecordMatmuls(TorchDispatchMode):
 
 @torch.no_grad()
 def matmul_replay_s(fn, rounds: int = 5) -> float:
-    """Seconds that the matrix products and attention kernels `fn()` issues take alone,
-    replayed back to back
+    """Seconds that the matrix products `fn()` issues take alone, replayed back to back
     on the same tensors (median of `rounds`): what any implementation issuing the same
     products, with zero other work, would take on this machine."""
     with _RecordMatmuls() as recorder:
