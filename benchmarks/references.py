@@ -54,8 +54,12 @@ def experts_implementations() -> list[str]:
 class TransformersThinker:
     """transformers' thinker on the weights of `model` (a sage_core Qwen3OmniThinker)."""
 
-    def __init__(self, model, experts_implementation: str, experts: dict | None = None):
-        """`experts`: {model key: tensor} replacing the expert stacks (same values)."""
+    def __init__(
+        self, model, experts_implementation: str, experts: dict | None = None, attention="sdpa"
+    ):
+        """`experts`: {model key: tensor} replacing the expert stacks (same values).
+        `attention`: transformers' attention implementation; "sdpa", its default, is what
+        a user gets and what sage_core itself uses."""
         text = nested_config_dict(model.config)["thinker_config"]["text_config"]
         hidden = model.config.hidden_size
         config = Qwen3OmniMoeThinkerConfig(
@@ -64,7 +68,7 @@ class TransformersThinker:
             vision_config=dict(TINY_VISION, out_hidden_size=hidden),
         )
         config.vision_start_token_id = VISION_START_TOKEN_ID
-        config._attn_implementation = "eager"
+        config._attn_implementation = attention
         with torch.device("meta"):
             thinker = hf_omni.Qwen3OmniMoeThinkerForConditionalGeneration(config)
         state = {

@@ -12,8 +12,8 @@ COLUMNS = (
     "target",
     "measured",
     "spread (min-max)",
-    "ceiling here",
-    "ceiling, same products",
+    "ceiling estimate here",
+    "ceiling estimate, same products",
     "pass",
 )
 
@@ -45,6 +45,23 @@ def results_markdown(results: list[ConfigResult], header: list[str], skipped: li
     parts = ["# Benchmarks", "", *header, "", markdown_table(rows), ""]
     for note in skipped:
         parts += [f"- {note}"]
+    policies = [(result.name, row) for result in results for row in result.cache_policies]
+    if policies:
+        parts += [
+            "",
+            "Expert cache policies on the decode workload (one greedy generation, "
+            "prefill and decode; bytes per generated token, as read by the real cache):",
+            "",
+        ]
+        parts += [
+            "| config | policy | cache | hit rate | hit rate / Belady's | bytes read per token |",
+            "|---|---|---|---|---|---|",
+        ]
+        parts += [
+            f"| {name} | {r['policy']} | {r['capacity']}/{r['total']} | {r['hit_rate']:.3f} | "
+            f"{r['of_belady']:.2f} | {r['bytes_per_token'] / (1 << 20):.2f} MiB |"
+            for name, r in policies
+        ]
     for result in results:
         parts += ["", f"## {result.name}: `{result.source}`", "", "Checks:", ""]
         parts += [f"- {check}" for check in result.checks]

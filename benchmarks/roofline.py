@@ -29,31 +29,48 @@ from sage_core import generate
 class MachineRates:
     flops_per_s: float  # float32 GEMM, best of several runs
     bytes_per_s: float  # weights streamed through matrix-vector products, best of several
+    read_set_bytes: int = 256 << 20  # how many bytes of weights that read rate streamed
 
     def describe(self) -> str:
         return (
             f"machine rates, measured here: {self.flops_per_s / 1e9:.0f} GFLOP/s (float32 "
-            f"GEMM 1024^3), {self.bytes_per_s / 1e9:.1f} GB/s (matrix-vector over 256 MiB)"
+            f"GEMM 1024^3), {self.bytes_per_s / 1e9:.1f} GB/s (matrix-vector over "
+            f"{self.read_set_bytes / (1 << 20):.0f} MiB)"
         )
 
 
-def measure_rates(rounds: int = 5) -> MachineRates:
+def measure_rates(rounds: int = 5, read_set_bytes: int = 256 << 20) -> MachineRates:
     """Best-of-`rounds` GEMM FLOP rate and weight-streaming read rate, float32."""
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(1024, 1024, generator=gen), torch.randn(1024, 1024, generator=gen)
     F.linear(a, b)
     gemm = min(_seconds(lambda: F.linear(a, b)) for _ in range(rounds))
-    # 64 matrices of 1024 x 1024 float32: 256 MiB, far beyond any cache, read once each.
-    weights = torch.randn(64, 1024, 1024, generator=gen)
-    x = torch.randn(1, 1024, generator=gen)
+    return MachineRates(2 * 1024**3 / gemm, read_rate(read_set_bytes, rounds), read_set_bytes)
+
+
+def read_rate(read_set_bytes: int, rounds: int = 5) -> float:
+    """Best-of-`rounds` bytes/s of matrix-vector products over `read_set_bytes` of float32
+    weights, read again and again. A model's weights are read forward after forward, so the
+    rate at the model's own size is the one its floor needs: a model that fits in cache is
+    read at cache speed, one far beyond it (256 MiB) at memory speed."""
+    gen = torch.Generator().manual_seed(1)
+    cols = 1024
+    rows = max(1, read_set_bytes // (4 * cols))
+    per = min(rows, 1024)
+    weights = torch.randn(max(1, rows // per), per, cols, generator=gen)
+    x = torch.randn(1, cols, generator=gen)
 
     def stream():
         for w in weights:
             F.linear(x, w)
 
     stream()
-    gemv = min(_seconds(stream) for _ in range(rounds))
-    return MachineRates(2 * 1024**3 / gemm, weights.numel() * weights.element_size() / gemv)
+    return weights.numel() * weights.element_size() / min(_seconds(stream) for _ in range(rounds))
+
+
+def model_bytes(model) -> int:
+    """Bytes of every parameter of `model` (its working set when all experts are resident)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def _seconds(fn) -> float:

@@ -2,7 +2,7 @@
 
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -19,12 +19,16 @@ from benchmarks.roofline import (
     decode_floor,
     matmul_replay_s,
     measure_rates,
+    model_bytes,
     prefill_floor,
+    read_rate,
 )
 from benchmarks.rss import measure_rss
 from benchmarks.timing import Ratio, interleaved, paired_rounds, time_call
 from sage_core import generate, load_thinker
 from sage_core.checkpoint import save_thinker_checkpoint
+from sage_core.checkpoint.cache_policy import POLICIES, make_policy, simulate, simulate_belady
+from sage_core.checkpoint.expert_trace import TraceRecorder, access_sequence
 from sage_core.model.config import ThinkerTextConfig
 from sage_core.model.thinker import Qwen3OmniThinker
 from sage_core.paths import MODELS
@@ -110,6 +114,8 @@ class ConfigResult:
     rows: list[Row] = field(default_factory=list)
     checks: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # Expert cache policies on one generation: dicts of policy, hit rate, reads per token.
+    cache_policies: list[dict] = field(default_factory=list)
 
 
 class BenchmarkMismatch(RuntimeError):
@@ -196,6 +202,9 @@ def run_config(
     result = ConfigResult(name, str(checkpoint))
     rates = rates if rates is not None else measure_rates()
     model = load_thinker(checkpoint)
+    # The floors read weights at the rate measured over this model's own size.
+    weights = model_bytes(model)
+    rates = replace(rates, bytes_per_s=read_rate(weights), read_set_bytes=weights)
     cfg = model.config
     gen = torch.Generator().manual_seed(work.seed)
     prefill_len = min(work.prefill_tokens, cfg.max_position_embeddings)
@@ -251,6 +260,12 @@ def run_config(
             f"greedy tokens sage_core vs transformers generate (experts={impl}): "
             f"{'identical' if same else 'DIFFERENT'}"
         )
+        if not same:
+            raise BenchmarkMismatch(
+                f"{name}: greedy decode of sage_core and transformers (experts={impl}) "
+                f"differ: {ours_tokens.tolist()} vs {tokens.tolist()}; refusing to time "
+                "different generations"
+            )
 
     floors = {
         "prefill": prefill_floor(model, prefill_ids, rates),
@@ -297,9 +312,60 @@ def run_config(
         reference = partial(ref.generate, prompt_ids, work.decode_new)
         timed_row("decode", impl, f"transformers generate experts={impl}", 1.5, reference)
 
+    result.cache_policies = _cache_policy_rows(name, checkpoint, model, prompt_ids, work, log)
     result.rows.extend(_trust_rows(name, model, prefill, work, log))
     result.rows.extend(_rss_rows(result, cfg, checkpoint, work, log))
     return result
+
+
+def _cache_policy_rows(name, checkpoint, model, prompt_ids, work: Workload, log) -> list[dict]:
+    """Every cache policy on one greedy generation, at `resident_fraction` of the experts:
+    hit rate and bytes read per generated token measured by the real cache, next to
+    Belady's MIN simulated on the same requests (the fewest reads any demand policy can
+    make). The simulator must predict each real cache's hits exactly, or the row is void."""
+    total = len(model.sparse_blocks()) * model.config.num_experts
+    bound = max(1, round(work.resident_fraction * total))
+    log(f"[{name}] expert cache policies at {bound} of {total} experts vs Belady")
+    recorder = TraceRecorder(model)
+    model.set_selector(recorder)
+    try:
+        want = generate(model, prompt_ids, work.decode_new)
+    finally:
+        model.set_selector(None)
+    keys, _ = access_sequence(recorder.trace(), grouped=True)
+    layers = sorted(model.sparse_blocks())
+    rows, per_read = [], None
+    for policy in POLICIES:
+        cached = load_thinker(checkpoint, max_resident_experts=bound, cache_policy=policy)
+        if not torch.equal(generate(cached, prompt_ids, work.decode_new), want):
+            raise BenchmarkMismatch(f"{name}: cache policy {policy} changed the generation")
+        stats = cached.expert_cache.stats()
+        sim = simulate(keys, make_policy(policy, bound, layers=layers))
+        if (stats["hits"], stats["misses"]) != (int(sim.hits.sum()), sim.misses):
+            raise BenchmarkMismatch(f"{name}: the simulator mispredicts the {policy} cache")
+        per_read = stats["bytes_read"] / max(1, stats["misses"])
+        rows.append(
+            {
+                "policy": policy,
+                "capacity": bound,
+                "total": total,
+                "hit_rate": sim.hit_rate,
+                "bytes_per_token": stats["bytes_read"] / work.decode_new,
+            }
+        )
+    belady = simulate_belady(keys, bound)
+    rows.append(
+        {
+            "policy": "belady (offline bound, simulated)",
+            "capacity": bound,
+            "total": total,
+            "hit_rate": belady.hit_rate,
+            "bytes_per_token": belady.misses * per_read / work.decode_new,
+        }
+    )
+    for row in rows:
+        row["of_belady"] = row["hit_rate"] / belady.hit_rate if belady.hit_rate else float("nan")
+    return rows
 
 
 def _trust_rows(name, model, prefill, work: Workload, log) -> list[Row]:

@@ -42,16 +42,20 @@ def time_call(fn: Callable[[], object]) -> float:
 def interleaved(
     contenders: dict[str, Callable[[], object]], warmup: int, repeats: int
 ) -> dict[str, Samples]:
-    """Run every contender `warmup` times, then `repeats` rounds of one call each."""
+    """Run every contender `warmup` times, then `repeats` rounds of one call each, the
+    order of the contenders reversed every other round."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
     for _ in range(warmup):
         for fn in contenders.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(repeats):
-        for name, fn in contenders.items():
-            times[name].append(time_call(fn))
+    order = list(contenders)
+    for round_ in range(repeats):
+        # Alternate who goes first: a contender that always ran second would always
+        # find the caches warmed (or the CPU clocked) by the first.
+        for name in order if round_ % 2 == 0 else order[::-1]:
+            times[name].append(time_call(contenders[name]))
     return {name: Samples(tuple(t)) for name, t in times.items()}
 
 

@@ -12,7 +12,8 @@ import torch
 
 from sage_core.paths import ROOT
 
-pytest.importorskip("transformers.models.qwen3_omni_moe")
+import transformers.models.qwen3_omni_moe  # noqa: E402,F401  (the oracle: a missing one fails, never skips)
+
 # benchmarks/ is a top-level package beside sage_core, not installed: `python -m pytest`
 # from the root finds it, the bare `pytest` script does not.
 if str(ROOT) not in sys.path:
@@ -37,8 +38,9 @@ from benchmarks.suite import (  # noqa: E402
     random_checkpoint,
     run_config,
 )
-from benchmarks.timing import Samples, speedup  # noqa: E402
+from benchmarks.timing import Samples, interleaved, speedup  # noqa: E402
 from sage_core import load_thinker  # noqa: E402
+from sage_core.checkpoint.cache_policy import POLICIES  # noqa: E402
 from sage_core.model.config import ThinkerTextConfig  # noqa: E402
 
 TOY = ThinkerTextConfig(
@@ -114,6 +116,10 @@ def test_run_config_rows_checks_and_table(toy_checkpoint, tmp_path):
     write_atomic(out, results_markdown([result], ["header line"], ["tiny: skipped"]))
     text = out.read_text()
     assert text.startswith("# Benchmarks\n\nheader line\n") and "- tiny: skipped" in text
+    policies = {r["policy"]: r for r in result.cache_policies}
+    assert set(policies) == {*POLICIES, "belady (offline bound, simulated)"}
+    assert all(0 <= r["hit_rate"] <= 1 and r["of_belady"] <= 1 for r in policies.values())
+    assert "| toy | lru | 4/16 |" in text
     assert list(tmp_path.iterdir()) == [out]  # no temp file left behind
 
 
@@ -146,6 +152,25 @@ def test_mismatched_reference_stops_the_benchmark(toy_checkpoint, monkeypatch):
     )
     with pytest.raises(BenchmarkMismatch, match="per-token per-expert loop"):
         run_config("toy", toy_checkpoint, TOY_WORK, log=lambda *a: None)
+
+
+def test_a_greedy_token_mismatch_stops_the_benchmark(toy_checkpoint, monkeypatch):
+    real = TransformersThinker.generate
+
+    def off_by_one(self, ids, n):
+        tokens = real(self, ids, n)
+        tokens[0, -1] = (tokens[0, -1] + 1) % TOY.vocab_size
+        return tokens
+
+    monkeypatch.setattr(TransformersThinker, "generate", off_by_one)
+    with pytest.raises(BenchmarkMismatch, match="greedy decode"):
+        run_config("toy", toy_checkpoint, TOY_WORK, log=lambda *a: None)
+
+
+def test_interleaved_rounds_alternate_who_goes_first():
+    calls = []
+    interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 0, 4)
+    assert "".join(calls) == "abbaabba"
 
 
 def test_speedup_is_paired_reference_over_ours():

@@ -54,6 +54,10 @@ def test_lru_order_hits_misses_evictions():
         "resident": 3,
         "capacity": 3,
         "recycled": 0,
+        "policy": "lru",
+        "prefetched": 0,
+        "prefetch_bytes": 0,
+        "wasted": 0,
     }
 
 

@@ -1,12 +1,12 @@
 """Experts: where one sparse layer's experts live, the LRU cache, the on-demand provider."""
 
 import sys
-from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from sage_core.checkpoint.cache_policy import make_policy
 from sage_core.checkpoint.reader import (
     _check_header,
 )
@@ -81,9 +81,11 @@ class ExpertSource:
         else:
             # Normal tensors even under inference_mode, so a later call under no_grad
             # may still read the next expert into them.
+            # Laid out as in the resident stack (`expert_stack`), so a cached expert runs
+            # the same kernels as a resident one and gives bit-identical outputs.
             with torch.inference_mode(False):
-                gate_up = torch.empty(self.gate_up_shape, dtype=self.dtype, device=self.device)
-                down = torch.empty(self.down_shape, dtype=self.dtype, device=self.device)
+                gate_up = expert_matrix(*self.gate_up_shape, self.dtype, self.device)
+                down = expert_matrix(*self.down_shape, self.dtype, self.device)
         return (gate_up, down), self.read_into(expert, gate_up, down)
 
     def _fits(self, gate_up, down) -> bool:
@@ -120,6 +122,14 @@ def expert_stack(num: int, rows: int, cols: int, dtype, device) -> torch.Tensor:
     return torch.empty(num, rows, cols, dtype=dtype, device=device)
 
 
+def expert_matrix(rows: int, cols: int, dtype, device) -> torch.Tensor:
+    """One empty [rows, cols] expert matrix with the strides of a slice of `expert_stack`
+    (column-major on CPU). Not a view: the cache may recycle it (`_held_only_by_caller`)."""
+    if torch.device(device).type == "cpu":
+        return torch.empty_strided((rows, cols), (1, rows), dtype=dtype, device=device)
+    return torch.empty(rows, cols, dtype=dtype, device=device)
+
+
 def _held_only_by_caller(tensors) -> bool:
     """True when nothing but the caller's tuple refers to these tensors or their memory:
     no other Python reference, no view, no tensor saved for autograd."""
@@ -141,11 +151,15 @@ def _held_only_by_caller(tensors) -> bool:
 
 
 class ExpertCache:
-    """LRU cache of expert weights keyed by (layer, expert), holding at most `capacity`.
+    """Cache of expert weights keyed by (layer, expert), holding at most `capacity`.
 
-    `get(key, load)` returns the cached weights, or evicts the least recently used entries
-    down to `capacity - 1` and calls `load() -> (weights, bytes_read)`. Evicting first keeps
-    the number of experts held by the cache within the bound at every moment.
+    `get(key, load)` returns the cached weights, or evicts entries (chosen by `policy`, see
+    `sage_core.checkpoint.cache_policy`) until the policy has room and calls
+    `load() -> (weights, bytes_read)`. Evicting first keeps the number of experts held by
+    the cache within the bound at every moment. `prefetch(key, load)` reads an expert ahead
+    of its use the same way; stats count `prefetched` experts and the `wasted` ones evicted
+    unused. The weights a key maps to never depend on the policy, so any policy, with or
+    without prefetch, gives the all-resident model's outputs.
 
     An evicted entry that nothing else still refers to is kept as the spare: the loader
     may take it (`take_spare`) and read the next expert into its memory, so a full cache
@@ -153,14 +167,16 @@ class ExpertCache:
     fragments the heap and raised the peak RSS of the mid benchmark.
     """
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, policy: str = "lru", layers=None):
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"max_resident_experts must be an int >= 1, got {capacity!r}")
         self.capacity = capacity
-        self._entries: OrderedDict = OrderedDict()
+        self.policy = make_policy(policy, capacity, layers=layers)
+        self._entries: dict = {}
+        self._unused_prefetch: set = set()
         self._spare = None
         self.hits = self.misses = self.evictions = self.bytes_read = self.peak_resident = 0
-        self.recycled = 0
+        self.recycled = self.prefetched = self.wasted = self.prefetch_bytes = 0
 
     def take_spare(self):
         """The last evicted entry's weights if no one else holds them, else None (once)."""
@@ -172,25 +188,45 @@ class ExpertCache:
 
     def get(self, key, load: Callable[[], tuple[object, int]]):
         if key in self._entries:
-            self._entries.move_to_end(key)
+            self.policy.touch(key)
+            self._unused_prefetch.discard(key)
             self.hits += 1
             return self._entries[key]
         self.misses += 1
-        while len(self._entries) >= self.capacity:
-            _, self._spare = self._entries.popitem(last=False)
+        return self._admit(key, load)
+
+    def prefetch(self, key, load: Callable[[], tuple[object, int]]) -> bool:
+        """Read `key` ahead of its use unless resident; -> whether it was read."""
+        if key in self._entries:
+            return False
+        before = self.bytes_read
+        self._admit(key, load)
+        self._unused_prefetch.add(key)
+        self.prefetched += 1
+        self.prefetch_bytes += self.bytes_read - before
+        return True
+
+    def _admit(self, key, load):
+        while (victim := self.policy.victim(key)) is not None:
+            self._spare = self._entries.pop(victim)
+            self.policy.forget(victim)
             self.evictions += 1
+            if victim in self._unused_prefetch:
+                self._unused_prefetch.discard(victim)
+                self.wasted += 1
         try:
             weights, nbytes = load()
         finally:
             self._spare = None  # never held past the miss that evicted it
         self._entries[key] = weights
+        self.policy.admit(key)
         self.bytes_read += nbytes
         self.peak_resident = max(self.peak_resident, len(self._entries))
         return weights
 
     def keys(self) -> list:
-        """Cached keys, least recently used first."""
-        return list(self._entries)
+        """Cached keys, in the policy's order (for LRU: least recently used first)."""
+        return self.policy.keys()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -208,6 +244,10 @@ class ExpertCache:
             "resident": len(self._entries),
             "capacity": self.capacity,
             "recycled": self.recycled,
+            "policy": self.policy.name,
+            "prefetched": self.prefetched,
+            "prefetch_bytes": self.prefetch_bytes,
+            "wasted": self.wasted,
         }
 
 
@@ -230,6 +270,15 @@ class OnDemandExperts(nn.Module):
         if not 0 <= e < self.num_experts:
             raise IndexError(f"expert {e} out of range [0, {self.num_experts})")
         return self.cache.get(
+            (self.layer_idx, e), lambda: self.source.read(e, into=self.cache.take_spare())
+        )
+
+    def prefetch(self, e: int) -> bool:
+        """Read expert `e` into the cache ahead of its use; -> whether it was read."""
+        e = int(e)
+        if not 0 <= e < self.num_experts:
+            raise IndexError(f"expert {e} out of range [0, {self.num_experts})")
+        return self.cache.prefetch(
             (self.layer_idx, e), lambda: self.source.read(e, into=self.cache.take_spare())
         )
 

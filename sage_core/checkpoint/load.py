@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from sage_core.checkpoint.cache_policy import POLICIES
 from sage_core.checkpoint.experts import (
     ExpertCache,
     ExpertSource,
@@ -61,6 +62,7 @@ def load_thinker(
     max_resident_experts=None,
     device="cpu",
     dtype=torch.float32,
+    cache_policy="lru",
 ):
     """Load the Qwen3-Omni thinker text model from a checkpoint directory.
 
@@ -70,6 +72,8 @@ def load_thinker(
     max_resident_experts: None (every expert of the chosen layers in memory) or a bound on
         the experts held across the model; the rest are read on demand (`model.expert_cache`).
     device, dtype: where and in what dtype the weights live; converted once, on load.
+    cache_policy: which expert the bounded cache evicts (`cache_policy.POLICIES`); unused
+        without `max_resident_experts`.
 
     Raises CheckpointError (naming the file, key and shapes) for a broken checkpoint and
     ValueError for bad arguments; never returns a partially loaded model.
@@ -84,6 +88,8 @@ def load_thinker(
     cfg = read_config(path)
     layer_indices = select_layers(layers, cfg.num_hidden_layers)
     _check_resident_bound(max_resident_experts)
+    if cache_policy not in POLICIES:
+        raise ValueError(f"unknown cache_policy {cache_policy!r}; choose one of {POLICIES}")
     dtype = parse_dtype(dtype)
     try:
         device = torch.device(device)
@@ -107,7 +113,9 @@ def load_thinker(
             for i in layer_indices
             if cfg.is_sparse(i)
         }
-        cache = None if max_resident_experts is None else ExpertCache(max_resident_experts)
+        cache = None
+        if max_resident_experts is not None:
+            cache = ExpertCache(max_resident_experts, policy=cache_policy, layers=list(sources))
         if cache is not None:
             for i, source in sources.items():
                 model.model.layers[str(i)].mlp.experts = OnDemandExperts(i, source, cache)

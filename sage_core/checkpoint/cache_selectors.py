@@ -1,0 +1,109 @@
+"""Selectors that know about the expert cache: next-layer prefetch and cache-aware routing.
+
+Both wrap any inner `ExpertSelector` (the model's router, or trust's selector) and change
+nothing about how it scores experts, so they compose with whatever chooses experts.
+
+- `NextLayerPrefetch`: at layer l, guess layer l+1's experts by running layer l+1's router
+  on layer l's hidden states (pre-gated MoE's idea); the guess is read into the cache just
+  before layer l+1 asks for its experts. Outputs are unchanged: only what is resident is.
+- `CacheAwareSelector`: when an expert the inner selector chose is not resident and a
+  resident expert not already chosen scores within `threshold` router logits of it, take
+  the resident one (Skliar et al., "Mixture of Cache-Conditional Experts", 2024, bias the
+  router toward resident experts). The swapped slot's weight is scaled by the ratio of the
+  two experts' router probabilities, then each token's weights are rescaled to the inner
+  selector's sum, so with norm_topk_prob they still sum to one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sage_core.model.moe import RouterTopK
+
+
+def _default_inner(model):
+    cfg = model.config
+    return RouterTopK(cfg.num_experts_per_tok, cfg.norm_topk_prob)
+
+
+def _on_demand_blocks(model) -> dict:
+    blocks = model.sparse_blocks()
+    if getattr(model, "expert_cache", None) is None:
+        raise ValueError(
+            "the model has no expert cache; load it with max_resident_experts=N to use "
+            "cache-aware selection or prefetch"
+        )
+    return blocks
+
+
+class NextLayerPrefetch:
+    """Selector wrapper reading each layer's guessed experts ahead of their use."""
+
+    def __init__(self, model, inner=None):
+        blocks = _on_demand_blocks(model)
+        self.inner = inner or _default_inner(model)
+        self.layers = sorted(blocks)
+        self._experts = {layer: blocks[layer].experts for layer in self.layers}
+        self._next = dict(zip(self.layers, self.layers[1:], strict=False))
+        self._next_gate = {a: blocks[b].gate.weight for a, b in self._next.items()}
+        self._pending: dict[int, list[int]] = {}
+
+    def __call__(self, router_logits, layer_idx, hidden_states):
+        for e in self._pending.pop(layer_idx, ()):
+            self._experts[layer_idx].prefetch(e)
+        indices, weights = self.inner(router_logits, layer_idx, hidden_states)
+        after = self._next.get(layer_idx)
+        if after is not None:
+            with torch.no_grad():
+                logits = torch.nn.functional.linear(hidden_states, self._next_gate[layer_idx])
+                guess = torch.topk(logits.float(), indices.shape[1], dim=-1).indices
+            # A token's guess in slot order, tokens in order, each expert once.
+            self._pending[after] = list(dict.fromkeys(guess.reshape(-1).tolist()))
+        return indices, weights
+
+
+class CacheAwareSelector:
+    """Selector wrapper swapping uncached choices for resident near-ties (see module doc)."""
+
+    def __init__(self, model, threshold: float, inner=None):
+        if not isinstance(threshold, int | float) or threshold < 0:
+            raise ValueError(f"threshold must be a number >= 0 (router logits), got {threshold!r}")
+        _on_demand_blocks(model)
+        self.cache = model.expert_cache
+        self.threshold = float(threshold)
+        self.inner = inner or _default_inner(model)
+        self.num_experts = model.config.num_experts
+        self.swapped = 0  # slots changed, over all calls
+
+    def resident_mask(self, layer_idx: int, device) -> torch.Tensor:
+        return torch.tensor(
+            [(layer_idx, e) in self.cache for e in range(self.num_experts)],
+            dtype=torch.bool,
+            device=device,
+        )
+
+    def __call__(self, router_logits, layer_idx, hidden_states):
+        indices, weights = self.inner(router_logits, layer_idx, hidden_states)
+        if self.threshold == 0:
+            return indices, weights
+        resident = self.resident_mask(layer_idx, router_logits.device)
+        if not resident.any():
+            return indices, weights
+        logits = router_logits.float()
+        indices, scale = indices.clone(), torch.ones_like(logits[:, : indices.shape[1]])
+        chosen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, indices, True)
+        rows = torch.arange(indices.shape[0], device=indices.device)
+        for j in range(indices.shape[1]):
+            mine = logits[rows, indices[:, j]]
+            alternatives = torch.where(resident & ~chosen, logits, -torch.inf)
+            best, alt = alternatives.max(dim=1)
+            swap = ~resident[indices[:, j]] & (mine - best <= self.threshold)
+            if swap.any():
+                chosen[rows[swap], indices[swap, j]] = False
+                chosen[rows[swap], alt[swap]] = True
+                indices[swap, j] = alt[swap]
+                scale[swap, j] = torch.exp(best[swap] - mine[swap])
+                self.swapped += int(swap.sum())
+        new = weights.float() * scale
+        new = new * (weights.float().sum(1, keepdim=True) / new.sum(1, keepdim=True))
+        return indices, new.to(weights.dtype)

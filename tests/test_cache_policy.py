@@ -1,0 +1,225 @@
+"""Cache policies and their simulation: exact against brute force, and the real cache agrees."""
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sage_core.checkpoint import ExpertCache
+from sage_core.checkpoint import cache_policy as cp
+
+# Tiny traces: (layer, expert) keys over 2 layers x 3 experts.
+key_strategy = st.tuples(st.integers(0, 1), st.integers(0, 2))
+trace_strategy = st.lists(key_strategy, min_size=0, max_size=12)
+
+
+def brute_lru_misses(keys, capacity):
+    cache, misses = [], 0
+    for k in keys:
+        if k in cache:
+            cache.remove(k)
+        else:
+            misses += 1
+            if len(cache) == capacity:
+                cache.pop(0)
+        cache.append(k)
+    return misses
+
+
+def optimal_misses(keys, capacity):
+    """Fewest misses of any demand policy: exhaustive search over every eviction choice."""
+    best = {frozenset(): 0}  # resident set -> fewest misses so far
+    for k in keys:
+        nxt = {}
+        for held, misses in best.items():
+            if k in held:
+                options = [(held, misses)]
+            elif len(held) < capacity:
+                options = [(held | {k}, misses + 1)]
+            else:
+                options = [((held - {v}) | {k}, misses + 1) for v in held]
+            for state, m in options:
+                nxt[state] = min(m, nxt.get(state, m))
+        best = nxt
+    return min(best.values())
+
+
+def as_array(keys):
+    return np.asarray(keys, dtype=np.int64).reshape(-1, 2)
+
+
+@settings(max_examples=200, deadline=None)
+@given(trace_strategy, st.integers(1, 6))
+def test_lru_stack_distances_and_policy_equal_brute_force(keys, capacity):
+    want = brute_lru_misses(keys, capacity)
+    hits = cp.lru_hits(as_array(keys), [capacity])[capacity]
+    assert len(keys) - int(hits.sum()) == want
+    sim = cp.simulate(as_array(keys), cp.make_policy("lru", capacity))
+    assert sim.misses == want
+    assert np.array_equal(sim.hits, hits)
+
+
+@settings(max_examples=200, deadline=None)
+@given(trace_strategy, st.integers(1, 4))
+def test_belady_is_the_optimum_of_exhaustive_search(keys, capacity):
+    assert cp.simulate_belady(as_array(keys), capacity).misses == optimal_misses(keys, capacity)
+
+
+@settings(max_examples=100, deadline=None)
+@given(trace_strategy, st.integers(2, 5))
+def test_no_online_policy_beats_belady(keys, capacity):
+    belady = cp.simulate_belady(as_array(keys), capacity).misses
+    for name in cp.POLICIES:
+        policy = cp.make_policy(name, capacity, layers=[0, 1])
+        assert cp.simulate(as_array(keys), policy).misses >= belady
+
+
+@settings(max_examples=100, deadline=None)
+@given(trace_strategy)
+def test_lru_and_belady_misses_never_grow_with_capacity(keys):
+    lru = cp.lru_hits(as_array(keys), range(1, 7))
+    lru_misses = [len(keys) - lru[c].sum() for c in range(1, 7)]
+    belady = [cp.simulate_belady(as_array(keys), c).misses for c in range(1, 7)]
+    assert lru_misses == sorted(lru_misses, reverse=True)
+    assert belady == sorted(belady, reverse=True)
+
+
+@settings(max_examples=100, deadline=None)
+@given(trace_strategy)
+def test_a_cache_holding_every_key_misses_each_key_once(keys):
+    distinct = len(set(keys))
+    for name in cp.POLICIES:
+        policy = cp.make_policy(name, 6, layers=[0, 1])
+        assert cp.simulate(as_array(keys), policy).misses == distinct
+    assert cp.simulate_belady(as_array(keys), 6).misses == distinct
+
+
+@settings(max_examples=100, deadline=None)
+@given(trace_strategy, st.integers(2, 6))
+def test_layer_lru_is_one_lru_per_layer_with_its_quota(keys, capacity):
+    quota = cp.layer_quotas(capacity, [0, 1])
+    want = sum(
+        brute_lru_misses([k for k in keys if k[0] == layer], quota[layer]) for layer in (0, 1)
+    )
+    policy = cp.make_policy("layer_lru", capacity, layers=[0, 1])
+    assert cp.simulate(as_array(keys), policy).misses == want
+
+
+def brute_lfu_misses(keys, capacity):
+    counts, last, held, misses = {}, {}, [], 0
+    for t, k in enumerate(keys):
+        counts[k] = counts.get(k, 0) + 1
+        if k not in held:
+            misses += 1
+            if len(held) == capacity:
+                held.remove(min(held, key=lambda h: (counts[h], last[h])))
+            held.append(k)
+        last[k] = t
+    return misses
+
+
+@settings(max_examples=200, deadline=None)
+@given(trace_strategy, st.integers(1, 5))
+def test_lfu_equals_brute_force(keys, capacity):
+    sim = cp.simulate(as_array(keys), cp.make_policy("lfu", capacity))
+    assert sim.misses == brute_lfu_misses(keys, capacity)
+
+
+@settings(max_examples=100, deadline=None)
+@given(trace_strategy, st.integers(1, 5))
+def test_activation_policy_with_endless_memory_is_lfu(keys, capacity):
+    slow = cp.make_policy("activation", capacity, half_life=1e12)
+    assert cp.simulate(as_array(keys), slow).misses == brute_lfu_misses(keys, capacity)
+
+
+def test_activation_policy_forgets_old_activity():
+    # "a" was used 3 times long ago, "b" twice just now: with a short half-life "a" goes.
+    keys = [(0, 0)] * 3 + [(0, 1), (0, 2)] * 1 + [(0, 1)] + [(0, 3)]
+    policy = cp.ActivationPolicy(3, half_life=1.0)
+    cp.simulate(as_array(keys), policy)
+    assert (0, 0) not in policy.keys() and (0, 1) in policy.keys()
+    lfu = cp.LFUPolicy(3)
+    cp.simulate(as_array(keys), lfu)
+    assert (0, 0) in lfu.keys()
+
+
+@pytest.mark.parametrize("name", cp.POLICIES)
+def test_expert_cache_does_what_the_simulation_says(name):
+    rng = np.random.default_rng(0)
+    keys = [tuple(int(v) for v in k) for k in rng.integers(0, [3, 5], size=(300, 2))]
+    sim = cp.simulate(as_array(keys), cp.make_policy(name, 6, layers=[0, 1, 2]))
+    cache = ExpertCache(6, policy=name, layers=[0, 1, 2])
+    for k in keys:
+        cache.get(k, lambda: ("w", 7))
+    assert (cache.hits, cache.misses, cache.bytes_read) == (
+        int(sim.hits.sum()),
+        sim.misses,
+        7 * sim.misses,
+    )
+    assert len(cache) <= 6 and cache.peak_resident <= 6
+
+
+def test_expert_cache_prefetch_counts_agree_with_the_simulation():
+    rng = np.random.default_rng(1)
+    keys = [tuple(int(v) for v in k) for k in rng.integers(0, [2, 6], size=(200, 2))]
+    plan = {i: [tuple(int(v) for v in rng.integers(0, [2, 6]))] for i in range(0, 200, 3)}
+    sim = cp.simulate(as_array(keys), cp.make_policy("lru", 4), prefetch=plan)
+    cache = ExpertCache(4)
+    for i, k in enumerate(keys):
+        for ahead in plan.get(i, ()):
+            cache.prefetch(ahead, lambda: ("w", 5))
+        cache.get(k, lambda: ("w", 5))
+    s = cache.stats()
+    assert (s["hits"], s["prefetched"], s["wasted"]) == (
+        int(sim.hits.sum()),
+        sim.prefetched,
+        sim.wasted,
+    )
+    assert s["prefetch_bytes"] == 5 * sim.prefetched
+    assert s["bytes_read"] == 5 * sim.experts_read
+    assert sim.prefetch_used + sim.wasted + sim.left_unused == sim.prefetched
+
+
+def test_prefetch_of_a_resident_key_reads_nothing():
+    cache = ExpertCache(2)
+    cache.get("a", lambda: ("A", 3))
+    assert cache.prefetch("a", lambda: pytest.fail("must not read")) is False
+    assert cache.stats()["prefetched"] == 0
+
+
+def test_next_use():
+    codes = np.array([5, 1, 5, 2, 1])
+    assert cp.next_use(codes).tolist() == [2, 4, 5, 5, 5]
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (lambda: cp.make_policy("fifo", 3), "unknown cache policy"),
+        (lambda: cp.make_policy("lru", 0), "capacity"),
+        (lambda: cp.make_policy("layer_lru", 3), "layers"),
+        (lambda: cp.make_policy("layer_lru", 1, layers=[0, 1]), "each layer needs"),
+        (lambda: cp.make_policy("activation", 3, half_life=0), "half_life"),
+        (lambda: ExpertCache(3, policy="mru"), "unknown cache policy"),
+    ],
+)
+def test_bad_arguments_are_named(bad, match):
+    with pytest.raises(ValueError, match=match):
+        bad()
+
+
+def test_layer_quotas_split_evenly():
+    assert cp.layer_quotas(7, [2, 0, 1]) == {0: 3, 1: 2, 2: 2}
+    assert sum(cp.layer_quotas(13, range(4)).values()) == 13
+
+
+def test_brute_force_helpers_agree_on_a_known_case():
+    # Classic: capacity 3, a b c d a b e a b c d e -> Belady 7 misses, LRU 10.
+    names = "abcdabeabcde"
+    keys = [(0, "abcde".index(c)) for c in names]
+    assert optimal_misses(keys, 3) == 7
+    assert brute_lru_misses(keys, 3) == 10
+    assert cp.simulate_belady(as_array(keys), 3).misses == 7
+    assert list(itertools.islice(cp.lru_stack_distances(as_array(keys)), 5))[:4] == [np.inf] * 4
