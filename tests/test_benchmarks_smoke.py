@@ -9,10 +9,9 @@ import sys
 
 import pytest
 import torch
+import transformers.models.qwen3_omni_moe  # noqa: E402,F401  (the oracle: a missing one fails, never skips)
 
 from sage_core.paths import ROOT
-
-import transformers.models.qwen3_omni_moe  # noqa: E402,F401  (the oracle: a missing one fails, never skips)
 
 # benchmarks/ is a top-level package beside sage_core, not installed: `python -m pytest`
 # from the root finds it, the bare `pytest` script does not.
