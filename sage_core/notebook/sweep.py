@@ -357,6 +357,13 @@ def sweep(
     todo_and_done = combinations(notebooks, grid, out, commit, directory)
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    for path in dict.fromkeys(c.notebook for c in todo_and_done):
+        if FIGURES_PARAMETER not in runner.declared_parameters(path):
+            print(
+                f"warning: {path.name} does not declare {FIGURES_PARAMETER!r}: any figure it "
+                f"saves goes to the project's figures/, not to its run folder",
+                file=sys.stderr,
+            )
     todo = [c for c in todo_and_done if force or not is_finished(c)]
     skipped = len(todo_and_done) - len(todo)
     if todo:
