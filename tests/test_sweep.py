@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 
+import dask
 import matplotlib
 import psutil
 import pytest
@@ -161,6 +162,20 @@ def test_a_half_written_or_foreign_run_is_not_finished(make_notebook, tmp_path):
     assert not sweep.is_finished(combination)
     combination.record_path.write_text(json.dumps({"key": combination.key, "status": "ok"}))
     assert sweep.is_finished(combination)
+
+
+def test_cuda_runs_ask_for_a_gpu_and_need_one(make_notebook, tmp_path, monkeypatch):
+    nb = make_notebook("01_a", ['device = "cpu"\nseed = 0'])
+    cpu, cuda = sweep.combinations([nb], {"device": ["cpu", "cuda:0"]}, tmp_path, None)
+    (default,) = sweep.combinations([nb], {"seed": [1]}, tmp_path, None)
+    assert [sweep.wants_gpu(c) for c in (cpu, cuda, default)] == [False, True, False]
+    monkeypatch.setattr(sweep, "_local_gpu_count", lambda: 0)
+    with pytest.raises(RunError, match="CUDA runs .* no GPU"):
+        with sweep.dask_client(gpus=True):
+            pass
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    sweep.OneGpuPerWorker().setup(type("Worker", (), {"name": 1})())
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"
 
 
 # --- the table -------------------------------------------------------------------------------
@@ -327,9 +342,17 @@ def test_the_sweep_runs_on_an_explicitly_started_scheduler(tiny, tmp_path):
     scheduler_file = tmp_path / "scheduler.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     common = ["--no-dashboard", "--host", "127.0.0.1"]
-    dask = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
     scheduler = subprocess.Popen(
-        [*dask, *common, "--port", "0", "--scheduler-file", str(scheduler_file)],
+        [
+            sys.executable,
+            "-m",
+            "distributed.cli.dask_scheduler",
+            *common,
+            "--port",
+            "0",
+            "--scheduler-file",
+            str(scheduler_file),
+        ],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -348,14 +371,14 @@ def test_the_sweep_runs_on_an_explicitly_started_scheduler(tiny, tmp_path):
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        result = sweep.sweep(
-            [nb],
-            {"x": [5, 6], "started_dir": [str(started)]},
-            tmp_path / "out",
-            scheduler=address,
-            show_progress=False,
-        )
-        assert [r["headline"]["square"] for r in result.records] == [25, 36]
+        grid = {"started_dir": [str(started)]}
+        out = tmp_path / "out"
+        result = sweep.sweep([nb], {**grid, "x": [5]}, out, scheduler=address, show_progress=False)
+        assert [r["headline"]["square"] for r in result.records] == [25]
+        # What DASK_SCHEDULER_ADDRESS sets: Dask's own configuration of where its scheduler is.
+        with dask.config.set({"scheduler-address": address}):
+            result = sweep.sweep([nb], {**grid, "x": [6]}, out, show_progress=False)
+        assert [r["headline"]["square"] for r in result.records] == [36]
         for x in (5, 6):  # the kernels ran under the worker this test started
             ((worker_pid, _),) = starts(started, x)
             parents = {p.pid for p in psutil.Process(worker_pid).parents()}

@@ -16,6 +16,7 @@ pure-Python dependency, and `dask-jobqueue` starts its workers as Slurm/PBS jobs
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -245,14 +246,17 @@ def _failure_record(combination: Combination, commit: str | None, error: BaseExc
 # --- the engine ------------------------------------------------------------------------------
 
 
+@functools.cache
+def _default_device(notebook: Path):
+    import papermill
+
+    default = papermill.inspect_notebook(str(notebook)).get("device", {})
+    return runner.parse_value(str(default.get("default", "")))
+
+
 def wants_gpu(combination: Combination) -> bool:
     """A run is a GPU run when its `device` (given, or the notebook's default) is CUDA."""
-    device = combination.parameters.get("device")
-    if device is None:
-        import papermill
-
-        default = papermill.inspect_notebook(str(combination.notebook)).get("device", {})
-        device = runner.parse_value(str(default.get("default", "")))
+    device = combination.parameters.get("device", _default_device(combination.notebook))
     return isinstance(device, str) and device.startswith("cuda")
 
 
