@@ -279,30 +279,7 @@ def test_failed_runs_are_recorded_rerun_and_finished_ones_skipped(tiny, tmp_path
     assert again[1]["error"] == rows[1]["error"]
 
 
-def test_second_invocation_of_a_finished_sweep_does_no_work(tiny, tmp_path, monkeypatch):
-    nb, started = tiny
-    out = tmp_path / "out"
-    grid = {"x": [3, 4], "started_dir": [str(started)]}
-    first = sweep.sweep([nb], grid, out, workers=1, show_progress=False)
-    assert [r["headline"] for r in first.records] == [
-        {"square": 9, "label": "x3"},
-        {"square": 16, "label": "x4"},
-    ]
-    table = (out / "sweep.csv").read_bytes()
-    stamps = {c.key: c.record_path.stat().st_mtime_ns for c in first.combinations}
-
-    def no_cluster(*args, **kwargs):
-        raise AssertionError("a finished sweep started a cluster")
-
-    monkeypatch.setattr(sweep, "_run_on_cluster", no_cluster)
-    second = sweep.sweep([nb], grid, out, show_progress=False)
-    assert second.skipped == 2 and second.records == first.records
-    assert {c.key: c.record_path.stat().st_mtime_ns for c in second.combinations} == stamps
-    assert (out / "sweep.csv").read_bytes() == table
-    assert [len(starts(started, x)) for x in (3, 4)] == [1, 1]
-
-
-def test_a_killed_worker_has_its_run_retried(tiny, tmp_path):
+def test_a_killed_worker_has_its_run_retried_and_a_rerun_does_no_work(tiny, tmp_path, monkeypatch):
     nb, started = tiny
     out = tmp_path / "out"
     grid = {"x": [0, 1, 2], "sleep_s": [1.0], "started_dir": [str(started)]}
@@ -335,6 +312,15 @@ def test_a_killed_worker_has_its_run_retried(tiny, tmp_path):
     retried = starts(started, killed["x"])
     assert len(retried) == 2 and retried[1][0] != killed["worker"]
     assert [r["status"] for r in sweep_table.read_table(out)] == ["ok"] * 3
+    # The same sweep again: every run finished, so no cluster, no kernel, no file rewritten.
+    table = (out / "sweep.csv").read_bytes()
+    stamps = [c.record_path.stat().st_mtime_ns for c in result.combinations]
+    monkeypatch.setattr(sweep, "_run_on_cluster", lambda *a, **k: pytest.fail("did work"))
+    again = sweep.sweep([nb], grid, out, show_progress=False)
+    assert again.skipped == 3 and again.records == result.records
+    assert [c.record_path.stat().st_mtime_ns for c in again.combinations] == stamps
+    assert (out / "sweep.csv").read_bytes() == table
+    assert [len(starts(started, x)) for x in range(3)] == [1 + (x == killed["x"]) for x in range(3)]
 
 
 def test_the_sweep_runs_on_an_explicitly_started_scheduler(tiny, tmp_path):

@@ -186,6 +186,28 @@ def is_finished(combination: Combination) -> bool:
 # --- one run, on a worker --------------------------------------------------------------------
 
 
+def _write_record(combination: Combination, commit: str | None, **outcome) -> dict:
+    """Write the run's `run.json` (atomically: the last thing a run writes) and return it."""
+    record = {
+        "key": combination.key,
+        "notebook": combination.notebook.stem,
+        "parameters": combination.parameters,
+        "commit": commit,
+        "status": "failed",
+        "error": None,
+        "code_cell": None,
+        "execution_count": None,
+        "duration_s": None,
+        "started_utc": None,
+        "worker": None,
+        "output": None,
+        "headline": {},
+        **outcome,
+    }
+    atomic_write_json(combination.record_path, record)
+    return record
+
+
 def execute_run(combination: Combination, commit: str | None) -> dict:
     """Execute one combination into its folder and record it; the task a worker runs.
 
@@ -202,45 +224,19 @@ def execute_run(combination: Combination, commit: str | None) -> dict:
     started = datetime.now(UTC).isoformat(timespec="seconds")
     destination = folder / combination.notebook.name
     result = runner.execute_notebook(combination.notebook, destination, parameters)
-    record = {
-        "key": combination.key,
-        "notebook": combination.notebook.stem,
-        "parameters": combination.parameters,
-        "commit": commit,
-        "status": result.status,
-        "error": result.error,
-        "code_cell": result.code_cell,
-        "execution_count": result.execution_count,
-        "duration_s": result.duration_s,
-        "started_utc": started,
-        "worker": socket.gethostname(),
-        "output": destination.name,
-        "headline": headline.read(destination) if destination.exists() else {},
-    }
-    atomic_write_json(combination.record_path, record)
-    return record
-
-
-def _failure_record(combination: Combination, commit: str | None, error: BaseException) -> dict:
-    """The record of a run whose task itself failed (not a failing cell: those are recorded by
-    the worker), e.g. after its worker died more often than the scheduler allows."""
-    record = {
-        "key": combination.key,
-        "notebook": combination.notebook.stem,
-        "parameters": combination.parameters,
-        "commit": commit,
-        "status": "failed",
-        "error": f"{type(error).__name__}: {error}",
-        "code_cell": None,
-        "execution_count": None,
-        "duration_s": None,
-        "started_utc": None,
-        "worker": None,
-        "output": None,
-        "headline": {},
-    }
-    atomic_write_json(combination.record_path, record)
-    return record
+    return _write_record(
+        combination,
+        commit,
+        status=result.status,
+        error=result.error,
+        code_cell=result.code_cell,
+        execution_count=result.execution_count,
+        duration_s=result.duration_s,
+        started_utc=started,
+        worker=socket.gethostname(),
+        output=destination.name,
+        headline=headline.read(destination) if destination.exists() else {},
+    )
 
 
 # --- the engine ------------------------------------------------------------------------------
@@ -410,7 +406,8 @@ def _run_on_cluster(todo, commit, scheduler, workers, show_progress, skipped, to
             try:
                 record = future.result()
             except Exception as exc:  # the task itself failed: KilledWorker, a full disk, ...
-                record = _failure_record(combination, commit, exc)
+                # (a failing cell is not one: the worker records those itself)
+                record = _write_record(combination, commit, error=f"{type(exc).__name__}: {exc}")
             if record["status"] != "ok":
                 failed += 1
                 bar.set_postfix(failed=failed)
