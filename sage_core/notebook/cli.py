@@ -46,7 +46,9 @@ def _add_sweep_parser(commands) -> None:
         "OUT/sweep.csv and sweep.json. Finished runs are skipped. Exit status: 0 all ran, "
         "1 a run failed, 2 bad arguments.",
     )
-    sweep.add_argument("notebooks", nargs="+", metavar="NOTEBOOK")
+    sweep.add_argument(
+        "notebooks", nargs="+", metavar="NOTEBOOK", help="a notebook path or a bare name"
+    )
     sweep.add_argument(
         "-p",
         "--parameter",
