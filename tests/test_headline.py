@@ -44,3 +44,12 @@ def test_bad_values_are_refused_by_name(value, error):
 def test_nothing_to_record_is_an_error():
     with pytest.raises(ValueError, match="at least one"):
         headline.bundle()
+
+
+def test_record_displays_the_bundle_raw(monkeypatch):
+    import IPython.display
+
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda *a, **k: shown.append((a, k)))
+    headline.record(recovery=0.5)
+    assert shown == [((headline.bundle(recovery=0.5),), {"raw": True})]

@@ -1,4 +1,5 @@
-"""Command line: `python -m sage_core run [NOTEBOOK ...] [-p NAME VALUE ...] [--out DIR]`."""
+"""Command line: `python -m sage_core run [NOTEBOOK ...] [-p NAME VALUE ...] [--out DIR]` and
+`python -m sage_core sweep NOTEBOOK ... [-p NAME VALUES ...] [--grid FILE] --out DIR`."""
 
 import argparse
 import sys
@@ -32,11 +33,62 @@ def _parser() -> argparse.ArgumentParser:
         help="set a parameter; VALUE is a Python literal if it parses as one, else a string",
     )
     run.add_argument("--out", metavar="DIR", help="write executed copies and run.json here instead")
+    _add_sweep_parser(commands)
     return parser
+
+
+def _add_sweep_parser(commands) -> None:
+    sweep = commands.add_parser(
+        "sweep",
+        help="run notebooks over a parameter grid on a Dask cluster",
+        description="Run every combination of NOTEBOOK x grid, each in its own folder under "
+        "--out, on a local Dask cluster (or --scheduler / DASK_SCHEDULER_ADDRESS), then write "
+        "OUT/sweep.csv and sweep.json. Finished runs are skipped. Exit status: 0 all ran, "
+        "1 a run failed, 2 bad arguments.",
+    )
+    sweep.add_argument(
+        "notebooks", nargs="+", metavar="NOTEBOOK", help="a notebook path or a bare name"
+    )
+    sweep.add_argument(
+        "-p",
+        "--parameter",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "VALUES"),
+        help="values of a parameter: FIRST..LAST (integers, inclusive), a,b,c, or one value",
+    )
+    sweep.add_argument("--grid", metavar="FILE", help="JSON or YAML mapping name -> values")
+    sweep.add_argument("--out", metavar="DIR", required=True, help="folder of the run folders")
+    sweep.add_argument("--scheduler", metavar="ADDRESS", help="a running Dask scheduler")
+    sweep.add_argument("--workers", type=int, metavar="N", help="local workers (default: cores)")
+    sweep.add_argument("--force", action="store_true", help="rerun finished runs too")
+
+
+def _sweep(args) -> int:
+    from sage_core.notebook import sweep
+
+    try:
+        grid = sweep.grid_from_arguments(args.parameter, args.grid)
+        result = sweep.sweep(
+            args.notebooks,
+            grid,
+            args.out,
+            scheduler=args.scheduler,
+            workers=args.workers,
+            force=args.force,
+        )
+    except runner.RunError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"table: {result.table_paths['csv']} ({len(result.records)} runs)", file=sys.stderr)
+    return 1 if result.failed else 0
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "sweep":
+        return _sweep(args)
     parameters = {name: runner.parse_value(value) for name, value in args.parameter}
     try:
         results = runner.run(args.notebooks, parameters, out=args.out)
