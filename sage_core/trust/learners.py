@@ -23,8 +23,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -78,32 +76,31 @@ class AblationSelector:
 class CounterfactualLearner:
     """Paired ablation evidence per (context, layer, expert); see the module docstring."""
 
-    def __init__(
-        self, table: TrustTable, ablations_per_window: int = 16, z: float = 1.6448536269514722
-    ):
+    def __init__(self, table: TrustTable, ablations_per_window: int = 16, alpha: float = 0.05):
         if not (isinstance(ablations_per_window, int) and ablations_per_window >= 1):
             raise ValueError(
                 f"ablations_per_window must be an int >= 1, got {ablations_per_window!r}"
             )
         self.table = table
         self.ablations_per_window = ablations_per_window
-        self.z = float(z)
+        self.alpha = float(alpha)
         self.sequence_forwards = 0  # sequences run forward (the stated cost)
 
     def choose_cells(self, context: str) -> list[tuple[int, int]]:
         """The cells to ablate in the next window of `context`: highest priority first, ties
         to the lower layer, then the lower expert. Priority = the expert's share of its
         layer's routing in this context so far (uniform before any) / sqrt(1 + ablations),
-        divided by 10 once its interval mean +- z SE excludes zero (decided cells are
-        revisited rarely; undecided, much-used ones first)."""
+        divided by 10 once its two-sided interval (the selector's bound, `alpha`) excludes
+        zero (decided cells are revisited rarely; undecided, much-used ones first)."""
         ci = self.table.context_pos(context)
         usage = self.table.counts[:, ci]  # (L, E)
         total = usage.sum(-1, keepdim=True)
         share = torch.where(total > 0, usage / total.clamp_min(1), 1.0 / self.table.num_experts)
         n = self.table.harm_count[:, ci]
-        se = self.table.harm_standard_error()[:, ci]
         mean = self.table.harm_mean[:, ci]
-        decided = (n >= 2) & ((mean - self.z * se > 0) | (mean + self.z * se < 0))
+        lower = self.table.harm_lower_bound(self.alpha)[:, ci]
+        upper = 2 * mean - lower  # the symmetric upper bound
+        decided = (n >= 2) & ((lower > 0) | (upper < 0))
         priority = share / (1 + n).sqrt() * torch.where(decided, 0.1, 1.0)
         order = sorted(
             (-float(priority[li, e]), li, e)

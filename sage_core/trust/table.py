@@ -18,25 +18,26 @@ neutral prior. Three pieces use it:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import scipy.stats
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as safetensors_save
 
-from sage_core.atomic import atomic_write_bytes
 from sage_core.errors import TrustStateError
+from sage_core.trust.state import load_state, save_state
 
 SCHEMA_VERSION = 2  # 2: counterfactual harm statistics (harm_mean, harm_m2, harm_count)
 KIND = "sage_core.TrustTable"
 RULES = ("exclude", "bias", "report")
 REPORT_PRIOR = 0.5  # the report's neutral trust (its reputation default), on a 0..1 scale
-# One-sided 95% normal quantile: an expert is excluded when mean harm - Z * SE > 0.
-DEFAULT_HARM_Z = 1.6448536269514722
+# An expert is excluded when the one-sided lower bound of its mean harm, at level
+# 1 - alpha / E (Bonferroni over a layer's E experts) with Student's t on n - 1 degrees of
+# freedom, is above zero.
+DEFAULT_HARM_ALPHA = 0.05
 DEFAULT_MIN_ABLATIONS = 3
 _TENSORS = ("trust", "counts", "updates", "harm_mean", "harm_m2", "harm_count")
 
@@ -82,6 +83,7 @@ class TrustTable:
         self.harm_mean = torch.zeros(shape, dtype=torch.float32)
         self.harm_m2 = torch.zeros(shape, dtype=torch.float32)
         self.harm_count = torch.zeros(shape, dtype=torch.float32)
+        self.version = 0  # bumped by record_harm: selectors cache their exclusions by it
         self._layer_pos = {layer: i for i, layer in enumerate(layers)}
         self._context_pos = {name: i for i, name in enumerate(contexts)}
 
@@ -135,6 +137,7 @@ class TrustTable:
         delta = harm - mean
         mean += delta / n
         self.harm_count[cell] = n
+        self.version += 1
         self.harm_mean[cell] = mean
         self.harm_m2[cell] = float(self.harm_m2[cell]) + delta * (harm - mean)
 
@@ -145,17 +148,27 @@ class TrustTable:
         se = (variance / n.clamp_min(1)).sqrt()
         return torch.where(n >= 2, se, torch.full_like(se, math.inf))
 
-    def harm_lower_bound(self, z: float = DEFAULT_HARM_Z) -> torch.Tensor:
-        """(L, C, E) harm_mean - z * SE: -inf where fewer than 2 ablations were recorded."""
-        return self.harm_mean - z * self.harm_standard_error()
+    def harm_lower_bound(self, alpha: float = DEFAULT_HARM_ALPHA) -> torch.Tensor:
+        """(L, C, E) one-sided lower confidence bound of the mean harm at level
+        1 - alpha / E: harm_mean - t(1 - alpha / E, n - 1) * SE; -inf below 2 ablations."""
+        if not 0 < alpha < 1:
+            raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+        dof = np.maximum(self.harm_count.numpy(), 2) - 1
+        quantile = scipy.stats.t.ppf(1 - alpha / self.num_experts, dof).astype(np.float32)
+        lower = self.harm_mean - torch.from_numpy(quantile) * self.harm_standard_error()
+        return torch.where(self.harm_count >= 2, lower, torch.full_like(lower, -math.inf))
 
     def harmful(
-        self, layer_idx: int, context: str, z: float = DEFAULT_HARM_Z, min_count: int = 2
+        self,
+        layer_idx: int,
+        context: str,
+        alpha: float = DEFAULT_HARM_ALPHA,
+        min_count: int = 2,
     ) -> torch.Tensor:
         """(E,) bool: experts whose harm has a lower confidence bound above zero, measured
         at least `min_count` (>= 2) times in this (layer, context)."""
         li, ci = self.layer_pos(layer_idx), self.context_pos(context)
-        lower = self.harm_lower_bound(z)[li, ci]
+        lower = self.harm_lower_bound(alpha)[li, ci]
         return (lower > 0) & (self.harm_count[li, ci] >= max(2, min_count))
 
     def credit(
@@ -206,21 +219,16 @@ class TrustTable:
     # --- persistence -----------------------------------------------------------------
 
     def save(self, path) -> Path:
-        """Write the table to one safetensors file, atomically (temp, fsync, rename)."""
-        tensors = {name: getattr(self, name).contiguous() for name in _TENSORS}
+        """Write the table to one safetensors file, atomically (`sage_core.trust.state`)."""
         metadata = {
-            "schema_version": str(SCHEMA_VERSION),
-            "kind": KIND,
             "config_hash": self.config_hash or "",
             "layers": json.dumps(self.layers),
             "contexts": json.dumps(self.contexts),
             "num_experts": str(self.num_experts),
             "prior": repr(self.prior),
-            "sha256": _tensors_sha256(tensors),
         }
-        path = Path(path)
-        atomic_write_bytes(path, safetensors_save(tensors, metadata=metadata))
-        return path
+        tensors = {name: getattr(self, name) for name in _TENSORS}
+        return save_state(path, KIND, SCHEMA_VERSION, tensors, metadata)
 
     @classmethod
     def load(cls, path, config_hash: str | None = None) -> TrustTable:
@@ -228,28 +236,9 @@ class TrustTable:
         learned on another model is refused. Any defect is a TrustStateError naming the file;
         nothing is ever silently reset to neutral."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"trust file not found: {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata() or {}
-                keys = set(f.keys())
-                tensors = {k: f.get_tensor(k) for k in keys}
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise TrustStateError(f"{path}: not a readable trust file ({exc})") from exc
-        if metadata.get("kind") != KIND:
-            raise TrustStateError(f"{path}: not a trust table (kind {metadata.get('kind')!r})")
-        version = metadata.get("schema_version")
-        if version != str(SCHEMA_VERSION):
-            raise TrustStateError(
-                f"{path}: schema_version {version!r}, this code reads {SCHEMA_VERSION}"
-            )
-        if keys != set(_TENSORS):
-            raise TrustStateError(
-                f"{path}: expected tensors {sorted(_TENSORS)}, found {sorted(keys)}"
-            )
-        if _tensors_sha256(tensors) != metadata.get("sha256"):
-            raise TrustStateError(f"{path}: tensor checksum mismatch (corrupt file)")
+        tensors, metadata = load_state(
+            path, KIND, SCHEMA_VERSION, _TENSORS, TrustStateError, "trust"
+        )
         saved_hash = metadata.get("config_hash") or None
         if config_hash is not None and saved_hash != config_hash:
             raise TrustStateError(
@@ -305,7 +294,7 @@ class TrustSelector:
     `Choice` to `selector.log`.
 
     rule "exclude" (default): per (layer, context), the experts `TrustTable.harmful` names
-        (lower confidence bound of counterfactual harm above zero) are removed from every
+        (lower confidence bound of counterfactual harm above zero, `harm_alpha`) are removed from every
         token's candidates, even a token's top choice: its slot goes to the router's next
         choice, so each token still uses k experts, as the model was trained to. Weights
         are the router's float32 probabilities of the chosen experts, renormalised when
@@ -331,7 +320,7 @@ class TrustSelector:
         rule: str = "exclude",
         beta: float = 1.0,
         alpha: float = 0.3,
-        harm_z: float = DEFAULT_HARM_Z,
+        harm_alpha: float = DEFAULT_HARM_ALPHA,
         min_ablations: int = DEFAULT_MIN_ABLATIONS,
     ):
         if rule not in RULES:
@@ -342,8 +331,8 @@ class TrustSelector:
             raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
         if not (isinstance(alpha, int | float) and 0 <= alpha <= 1):
             raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
-        if not (isinstance(harm_z, int | float) and math.isfinite(harm_z) and harm_z >= 0):
-            raise ValueError(f"harm_z must be a finite number >= 0, got {harm_z!r}")
+        if not (isinstance(harm_alpha, int | float) and 0 < harm_alpha < 1):
+            raise ValueError(f"harm_alpha must be in (0, 1), got {harm_alpha!r}")
         if not (isinstance(min_ablations, int) and min_ablations >= 2):
             raise ValueError(f"min_ablations must be an int >= 2, got {min_ablations!r}")
         self.table = table
@@ -352,11 +341,13 @@ class TrustSelector:
         self.rule = rule
         self.beta = float(beta)
         self.alpha = float(alpha)
-        self.harm_z = float(harm_z)
+        self.harm_alpha = float(harm_alpha)
         self.min_ablations = min_ablations
         self.context: str | list[str] | None = None
         self.recording = False
         self.log: list[Choice] = []
+        self._cache: dict = {}
+        self._cache_key = None
 
     @classmethod
     def for_model(cls, model, table: TrustTable, **kwargs) -> TrustSelector:
@@ -364,11 +355,25 @@ class TrustSelector:
         return cls(table, model.config.num_experts_per_tok, model.config.norm_topk_prob, **kwargs)
 
     def excluded(self, layer_idx: int, context: str) -> torch.Tensor:
-        """(E,) bool: the experts rule "exclude" removes in this (layer, context)."""
-        harmful = self.table.harmful(layer_idx, context, self.harm_z, self.min_ablations)
+        """(E,) bool: the experts rule "exclude" removes in this (layer, context), cached
+        until the table records new evidence."""
+        key = (self.table.version, layer_idx, context)
+        if self._cache_key != key[0]:
+            self._cache, self._cache_key = {}, key[0]
+        if key not in self._cache:
+            self._cache[key] = self._excluded(layer_idx, context)
+        return self._cache[key]
+
+    def _excluded(self, layer_idx: int, context: str) -> torch.Tensor:
+        if not (
+            self.table.harm_count[self.table.layer_pos(layer_idx), self.table.context_pos(context)]
+            >= 2
+        ).any():
+            return torch.zeros(self.table.num_experts, dtype=torch.bool)
+        harmful = self.table.harmful(layer_idx, context, self.harm_alpha, self.min_ablations)
         spare = self.table.num_experts - self.top_k
         if int(harmful.sum()) > spare:  # keep k candidates: drop the least certain
-            lower = self.table.harm_lower_bound(self.harm_z)[
+            lower = self.table.harm_lower_bound(self.harm_alpha)[
                 self.table.layer_pos(layer_idx), self.table.context_pos(context)
             ]
             keep = torch.topk(torch.where(harmful, lower, -math.inf), spare).indices
@@ -531,15 +536,3 @@ class TrustLearner:
             "baseline_nll": baseline,
             "mean_advantage": baseline - mean_nll,
         }
-
-
-# --- helpers ---------------------------------------------------------------------------
-
-
-def _tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}:".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
