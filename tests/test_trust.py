@@ -15,11 +15,11 @@ from sage_core.trust import (
     LearnedBiasLearner,
     LearnedBiasSelector,
     OracleSelector,
-    continuation_nll,
     TrustLearner,
     TrustSelector,
     TrustStateError,
     TrustTable,
+    continuation_nll,
     dense_routing,
 )
 

@@ -224,13 +224,19 @@ class ContextAssigner:
         }
 
 
-def prompt_features(model, prompt: torch.Tensor) -> np.ndarray:
-    """(1, H) float32 features of one prompt: mean-pooled, L2-normalised MoE input."""
-    device = model.model.embed_tokens.weight.device
-    states = moe_input_states(model, prompt.to(device)[None])
+def moe_features(model, ids: torch.Tensor) -> np.ndarray:
+    """(B, H) float32 classifier features of (B, S) token ids: the hidden states entering
+    the first sparse layer's MoE block, mean-pooled and L2-normalised. The one feature
+    extractor of the classifier in the loop (notebooks 04-06)."""
     from sage_core.trust.classifier import features
 
-    return features(states)
+    device = model.model.embed_tokens.weight.device
+    return features(moe_input_states(model, ids.to(device)))
+
+
+def prompt_features(model, prompt: torch.Tensor) -> np.ndarray:
+    """(1, H) features of one prompt (`moe_features`)."""
+    return moe_features(model, prompt[None])
 
 
 # --- scoring ------------------------------------------------------------------------------

@@ -557,3 +557,101 @@ def arm_summary(rows: list[dict], reference: str = "router", context: str = "all
             }
         )
     return out
+
+
+# --- the context classifier: which features? ---------------------------------------------
+
+
+@torch.no_grad()
+def pooled_features_by_layer(model, windows: list[Sample]) -> dict[str, np.ndarray]:
+    """{"moe_in_<layer>": (N, H) float32 features of each window's prompt: the hidden
+    states entering that sparse layer's MoE block, mean-pooled and L2-normalised (the
+    classifier's `features`)}, from one batched forward (prompts of one length)."""
+    from sage_core.trust.classifier import features
+
+    blocks = model.sparse_blocks()
+    captured: dict[str, np.ndarray] = {}
+    handles = [
+        block.register_forward_pre_hook(
+            lambda module, args, key=f"moe_in_{layer}": captured.__setitem__(key, features(args[0]))
+        )
+        for layer, block in sorted(blocks.items())
+    ]
+    device = model.model.embed_tokens.weight.device
+    model.set_selector(None)
+    try:
+        model.hidden_states(torch.stack([w.prompt for w in windows]).to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return dict(sorted(captured.items()))
+
+
+def classifier_validation(model, tokenizer, seeds, per_context: int = 12, prompt_tokens=32):
+    """Per seed and feature choice (which layer's MoE input; supervised centroids or
+    k-means): accuracy on validation prompts (training split, another stream) and on
+    held-out prompts. Returns one row per (seed, features, mode)."""
+    from sage_core.trust.classifier import ContextClassifier
+
+    corpus = load_corpus()
+    kw = {"prompt_tokens": prompt_tokens, "continuation_tokens": 1, "corpus": corpus}
+    rows = []
+    for seed in seeds:
+        parts = {
+            "fit": make_samples(
+                tokenizer, "train", per_context, seed=seed, stream="classifier", **kw
+            ),
+            "validation": make_samples(
+                tokenizer, "train", per_context, seed=seed, stream="validation", **kw
+            ),
+            "heldout": make_samples(
+                tokenizer, "heldout", per_context, seed=seed, stream="eval", **kw
+            ),
+        }
+        feats = {name: pooled_features_by_layer(model, w) for name, w in parts.items()}
+        labels = {
+            name: np.array([CONTEXTS.index(s.context) for s in w]) for name, w in parts.items()
+        }
+        for key in feats["fit"]:
+            for mode in ("supervised", "kmeans"):
+                classifier = ContextClassifier(len(CONTEXTS), list(CONTEXTS), mode, seed)
+                if mode == "supervised":
+                    classifier.fit(feats["fit"][key], labels["fit"])
+                    names = list(range(len(CONTEXTS)))
+                else:  # a cluster is named after the majority label of its fit prompts
+                    classifier.fit(feats["fit"][key])
+                    clusters = classifier.predict(feats["fit"][key])
+                    names = [
+                        int(np.bincount(labels["fit"][clusters == k], minlength=3).argmax())
+                        if (clusters == k).any()
+                        else k
+                        for k in range(len(CONTEXTS))
+                    ]
+                accuracy = {
+                    part: float(
+                        np.mean(
+                            np.array(names)[classifier.predict(feats[part][key])] == labels[part]
+                        )
+                    )
+                    for part in ("validation", "heldout")
+                }
+                rows.append({"seed": seed, "features": key, "mode": mode, **accuracy})
+    return rows
+
+
+def choose_features(rows: list[dict]) -> dict:
+    """The (features, mode) with the highest mean validation accuracy over seeds (ties:
+    the earlier row), with its mean validation and held-out accuracy."""
+    choices = list(dict.fromkeys((r["features"], r["mode"]) for r in rows))
+    scored = []
+    for features_, mode in choices:
+        mine = [r for r in rows if (r["features"], r["mode"]) == (features_, mode)]
+        scored.append(
+            {
+                "features": features_,
+                "mode": mode,
+                "validation": float(np.mean([r["validation"] for r in mine])),
+                "heldout": float(np.mean([r["heldout"] for r in mine])),
+            }
+        )
+    return max(scored, key=lambda r: r["validation"])
