@@ -3,6 +3,7 @@ sage_core.studies.unreliable_experts)."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -176,3 +177,43 @@ def test_scenarios_cover_the_grid():
     assert [s["contexts"] for s in full if s["contexts"]] == [("code",)]
     with pytest.raises(ValueError, match="grid"):
         unreliable_experts.scenarios("huge")
+
+
+def test_choose_features_picks_the_best_mean_validation_accuracy():
+    rows = [
+        {"seed": 0, "features": "moe_in_0", "mode": "kmeans", "validation": 0.9, "heldout": 0.5},
+        {"seed": 1, "features": "moe_in_0", "mode": "kmeans", "validation": 0.5, "heldout": 0.5},
+        {
+            "seed": 0,
+            "features": "moe_in_1",
+            "mode": "supervised",
+            "validation": 0.8,
+            "heldout": 0.7,
+        },
+        {
+            "seed": 1,
+            "features": "moe_in_1",
+            "mode": "supervised",
+            "validation": 0.8,
+            "heldout": 0.9,
+        },
+    ]
+    chosen = trust_runs.choose_features(rows)
+    assert (chosen["features"], chosen["mode"]) == ("moe_in_1", "supervised")
+    assert chosen["heldout"] == pytest.approx(0.8)
+
+
+def test_pooled_features_by_layer_match_the_classifier_features_at_each_block():
+    from sage_core.trust.classifier import features
+
+    model = tiny_model()
+    stream = windows(1)
+    got = trust_runs.pooled_features_by_layer(model, stream)
+    assert sorted(got) == ["moe_in_0", "moe_in_1"]
+    captured = []
+    handle = model.sparse_blocks()[1].register_forward_pre_hook(
+        lambda module, args: captured.append(args[0])
+    )
+    model.hidden_states(stream[2].prompt[None])
+    handle.remove()
+    assert np.allclose(got["moe_in_1"][2], features(captured[0].detach())[0], atol=1e-5)
