@@ -111,8 +111,11 @@ def test_recovery_and_relative_to_oracle_by_hand():
     assert trust_runs.recovery(data, "cf") == pytest.approx([0.25, 0.25])
     assert trust_runs.relative_to_oracle(data, "cf") == pytest.approx([0.5, 0.5])
     assert trust_runs.paired(data, "cf", "router") == pytest.approx([3.5 / 4 - 1, 5 / 6 - 1])
+    undamaged = rows([2.0, 3.0], "router") + rows([2.0, 2.5], "x")
     with pytest.raises(ValueError, match="did not raise"):
-        trust_runs.recovery(rows([2.0, 3.0], "router") + rows([2.0, 2.0], "x"), "x")
+        trust_runs.recovery(undamaged, "x")
+    assert trust_runs.damaged_seeds(undamaged) == [1]
+    assert trust_runs.recovery(undamaged, "x", seeds=[1]) == pytest.approx([0.5])
 
 
 def test_t_interval_matches_the_formula_and_can_exclude_zero():

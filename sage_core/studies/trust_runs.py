@@ -444,13 +444,25 @@ def paired(rows: list[dict], arm: str, reference: str, context: str = "all") -> 
     return [by[(s, arm)]["perplexity"] / by[(s, reference)]["perplexity"] - 1 for s in seeds]
 
 
-def recovery(rows: list[dict], arm: str, context: str = "all") -> list[float]:
-    """Per seed: (ppl_router - ppl_arm) / (ppl_router - ppl_clean): the share of the
-    damage recovered (0: none, 1: the clean model)."""
+def damaged_seeds(rows: list[dict], context: str = "all") -> list[int]:
+    """Seeds where the broken model's router is worse than the clean model's."""
+    return sorted(
+        r["seed"]
+        for r in rows
+        if r["arm"] == "router"
+        and r["context"] == context
+        and r["perplexity"] > r["clean_perplexity"]
+    )
+
+
+def recovery(rows: list[dict], arm: str, context: str = "all", seeds=None) -> list[float]:
+    """Per seed (all, or `seeds`): (ppl_router - ppl_arm) / (ppl_router - ppl_clean): the
+    share of the damage recovered (0: none, 1: the clean model). Undefined, an error, for
+    a seed whose breakage did not raise perplexity (pass `seeds=damaged_seeds(rows)`)."""
     by = {(r["seed"], r["arm"]): r for r in rows if r["context"] == context}
-    seeds = sorted({s for s, a in by if a == arm})
+    chosen = sorted({s for s, a in by if a == arm}) if seeds is None else list(seeds)
     out = []
-    for s in seeds:
+    for s in chosen:
         router, clean = by[(s, "router")]["perplexity"], by[(s, arm)]["clean_perplexity"]
         if not router > clean:
             raise ValueError(f"seed {s}: breakage did not raise perplexity ({clean} -> {router})")
@@ -458,12 +470,14 @@ def recovery(rows: list[dict], arm: str, context: str = "all") -> list[float]:
     return out
 
 
-def relative_to_oracle(rows: list[dict], arm: str, context: str = "all") -> list[float]:
+def relative_to_oracle(rows: list[dict], arm: str, context: str = "all", seeds=None) -> list[float]:
     """Per seed: the arm's recovery divided by the oracle's."""
     return [
         a / o
         for a, o in zip(
-            recovery(rows, arm, context), recovery(rows, "oracle", context), strict=True
+            recovery(rows, arm, context, seeds),
+            recovery(rows, "oracle", context, seeds),
+            strict=True,
         )
     ]
 

@@ -49,18 +49,26 @@ def run_scenario(model, tokenizer, seeds, spec: dict, arms, pool: int = 8, **kwa
 
 
 def scenario_table(rows: list[dict], exclusions: list[dict], arm="counterfactual") -> dict:
-    """One scenario's headline numbers: oracle and `arm` recovery (t intervals over seeds),
-    `arm` recovery / oracle recovery, precision@m and false exclusions per seed."""
+    """One scenario's headline numbers: oracle and `arm` recovery (t intervals over the
+    seeds whose breakage raised perplexity: recovery is undefined on the others, counted
+    in "undamaged_seeds"), `arm` recovery / oracle recovery, precision@m and false
+    exclusions per seed (all seeds)."""
     mine = [r for r in exclusions if r["arm"] == arm]
     seeds = sorted({r["seed"] for r in rows})
+    damaged = trust_runs.damaged_seeds(rows)
     precision = [
         next(r["precision_at_m"] for r in mine if r["seed"] == s and r["broken"]) for s in seeds
     ]
     false = [sum(r["false_exclusions"] for r in mine if r["seed"] == s) for s in seeds]
     return {
-        "oracle_recovery": trust_runs.t_interval(trust_runs.recovery(rows, "oracle")),
-        "arm_recovery": trust_runs.t_interval(trust_runs.recovery(rows, arm)),
-        "relative_to_oracle": trust_runs.t_interval(trust_runs.relative_to_oracle(rows, arm)),
+        "undamaged_seeds": len(seeds) - len(damaged),
+        "oracle_recovery": trust_runs.t_interval(
+            trust_runs.recovery(rows, "oracle", seeds=damaged)
+        ),
+        "arm_recovery": trust_runs.t_interval(trust_runs.recovery(rows, arm, seeds=damaged)),
+        "relative_to_oracle": trust_runs.t_interval(
+            trust_runs.relative_to_oracle(rows, arm, seeds=damaged)
+        ),
         "precision_at_m": trust_runs.t_interval(precision),
         "false_exclusions_per_seed": float(sum(false) / len(false)),
     }
