@@ -380,7 +380,7 @@ def test_oracle_selector_excludes_exactly_the_named_experts():
 
 def trained_model_with_broken_expert(layer=1):
     """The embedded trained model with the most used expert of `layer` sign-flipped and
-    scaled 4x: a known-harmful expert. Returns (model, expert, windows of real text)."""
+    scaled 8x: a known-harmful expert. Returns (model, expert, windows of real text)."""
     from sage_core.checkpoint import load_thinker
     from sage_core.corpus import load_corpus
     from sage_core.model.tokenizer import load_tokenizer
@@ -389,7 +389,7 @@ def trained_model_with_broken_expert(layer=1):
     path = sorted(p.parent for p in MODELS.glob("*/config.json"))[0]
     model, tokenizer = load_thinker(path).eval(), load_tokenizer(path)
     corpus = load_corpus()
-    docs = [d for c in CONTEXTS for d in corpus.documents(c, "train")[:4]]
+    docs = [d for c in CONTEXTS for d in corpus.documents(c, "train")[:8]]
     windows = [torch.tensor(tokenizer.encode(d)[:48], dtype=torch.int64) for d in docs]
     with torch.no_grad(), model.routing_trace() as trace:
         for ids in windows:
@@ -399,7 +399,7 @@ def trained_model_with_broken_expert(layer=1):
     )
     expert = int(usage.argmax())
     with torch.no_grad():
-        model.sparse_blocks()[layer].experts.down_proj[expert] *= -4.0
+        model.sparse_blocks()[layer].experts.down_proj[expert] *= -8.0
     return model, expert, windows
 
 
