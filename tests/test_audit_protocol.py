@@ -171,3 +171,22 @@ def test_bound_holds_on_text_like_samples():
     rows = ap.bound_rows(model, samples)
     assert len(rows) == 3
     assert all(1 <= r["report_metric"] <= r["teacher_forced_ppl"] for r in rows)
+
+
+def test_different_draws_gap_pairs_seeds_and_counts_gaps_by_hand():
+    from sage_core.studies.report_protocol import different_draws_gap
+
+    rows = [
+        {"seed": 0, "arm": "baseline", "last_mean": 7.0, "mean": 10.0},  # 30% lower: counts
+        {"seed": 1, "arm": "baseline", "last_mean": 9.0, "mean": 10.0},
+        {"seed": 2, "arm": "baseline", "last_mean": 13.0, "mean": 10.0},  # 13 vs 9: no
+        {"seed": 3, "arm": "baseline", "last_mean": 5.0, "mean": 9.0},  # other way: 9 vs 13
+        {"seed": 4, "arm": "trust", "last_mean": 1.0, "mean": 10.0},
+    ]
+    got = different_draws_gap(rows)
+    assert got["pairs"] == 2
+    assert got["gap"] == pytest.approx(1 - 9.96 / 13.24)
+    assert got["share_final_lower"] == 0.5  # pair (0, 1): 7 <= 0.752 * 10
+    assert got["share_either_lower"] == 1.0  # pair (2, 3): 9 <= 0.752 * 13
+    with pytest.raises(ValueError, match="two seeds"):
+        different_draws_gap(rows, "trust")

@@ -249,17 +249,36 @@ def test_wrong_schema_version_is_a_clear_error(tmp_path, fitted):
 
 
 def test_wrong_contents_are_clear_errors(tmp_path):
+    from sage_core.trust.classifier import KIND, SCHEMA_VERSION
+    from sage_core.trust.state import save_state
+
     path = tmp_path / "c.safetensors"
-    path.write_bytes(
-        safetensors_save({"weights": np.zeros((2, 3), np.float32)}, {"schema_version": "1"})
-    )
-    with pytest.raises(ClassifierStateError, match="expected one tensor 'centers'"):
+    save_state(path, KIND, SCHEMA_VERSION, {"weights": torch.zeros(2, 3)}, {})
+    with pytest.raises(ClassifierStateError, match=r"expected tensors \['centers'\]"):
         ContextClassifier.load(path)
-    path.write_bytes(
-        safetensors_save({"centers": np.zeros((2, 3), np.float64)}, {"schema_version": "1"})
+    meta = {"mode": "kmeans", "seed": "0", "context_names": '["a", "b"]'}
+    save_state(
+        path, KIND, SCHEMA_VERSION, {"centers": torch.zeros(2, 3, dtype=torch.float64)}, meta
     )
     with pytest.raises(ClassifierStateError, match="2-D float32"):
         ContextClassifier.load(path)
+
+
+def test_old_files_and_other_kinds_are_refused(tmp_path, fitted):
+    from sage_core.trust import TrustTable
+
+    old = tmp_path / "old.safetensors"  # what schema 1 wrote: its own checksum key
+    old.write_bytes(
+        safetensors_save(
+            {"centers": fitted.centers_},
+            {"schema_version": "1", "kind": "sage_core.ContextClassifier"},
+        )
+    )
+    with pytest.raises(ClassifierStateError, match=f"{old}.*schema_version '1'"):
+        ContextClassifier.load(old)
+    trust = TrustTable([0], ["a"], 3).save(tmp_path / "trust.safetensors")
+    with pytest.raises(ClassifierStateError, match=f"{trust}.*not a classifier file"):
+        ContextClassifier.load(trust)
 
 
 def test_missing_file_names_the_file(tmp_path):

@@ -1,15 +1,16 @@
-"""Corrupted experts, recovery fraction and precision@m (sage_core.studies.unreliable_experts)."""
+"""Broken experts, the arms' shared loop, recovery and statistics (sage_core.studies.trust_runs,
+sage_core.studies.unreliable_experts)."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from sage_core.checkpoint import load_thinker, save_thinker_checkpoint
 from sage_core.corpus import CONTEXTS
 from sage_core.model.config import ThinkerTextConfig
 from sage_core.model.thinker import Qwen3OmniThinker
-from sage_core.studies import unreliable_experts as co
+from sage_core.studies import trust_runs, unreliable_experts
 from sage_core.studies.experiments import Sample
 from sage_core.trust import TrustTable
 
@@ -38,10 +39,27 @@ def state(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def test_corruption_keeps_norm_touches_only_chosen_and_restores():
+def windows(n_per_context=2, seed=0, length=12):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n_per_context):
+        for context in CONTEXTS:
+            ids = torch.randint(0, CONFIG.vocab_size, (length,), generator=gen)
+            out.append(Sample(context, "train", i, 0, ids[: length // 2], ids[length // 2 :]))
+    return out
+
+
+@pytest.mark.parametrize("kind", trust_runs.KINDS)
+def test_breakage_is_scoped_keeps_norm_touches_only_chosen_and_restores(kind):
     model = tiny_model()
     before = state(model)
-    with co.corrupted(model, CHOSEN, seed=7):
+    breakage = trust_runs.Breakage(model, CHOSEN, kind, seed=7, contexts=("code",))
+    assert state(model).keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in state(model).items())
+    with breakage.active("text") as on:
+        assert not on and all(torch.equal(v, before[k]) for k, v in state(model).items())
+    with breakage.active("code") as on:
+        assert on
         after = state(model)
         for key, value in before.items():
             if not key.endswith("mlp.experts.down_proj"):
@@ -51,101 +69,154 @@ def test_corruption_keeps_norm_touches_only_chosen_and_restores():
             for e in range(CONFIG.num_experts):
                 if e in CHOSEN[layer]:
                     assert not torch.equal(after[key][e], value[e])
-                    assert after[key][e].norm() == pytest.approx(float(value[e].norm()), rel=1e-6)
+                    assert float(after[key][e].norm()) == pytest.approx(
+                        float(value[e].norm()), rel=1e-5
+                    )
+                    if kind == "sign_flip":
+                        assert torch.equal(after[key][e], -value[e])
                 else:
                     assert torch.equal(after[key][e], value[e]), (key, e)
-    restored = state(model)
-    assert all(torch.equal(restored[k], v) for k, v in before.items())
+    assert all(torch.equal(v, before[k]) for k, v in state(model).items())
+    assert breakage.broken_by_context() == {"code": CHOSEN}
 
 
-def test_corruption_is_seeded():
+def test_breakage_rejects_unknown_kinds_and_contexts():
     model = tiny_model()
-    key = "model.layers.0.mlp.experts.down_proj"
-    with co.corrupted(model, CHOSEN, seed=3):
-        first = state(model)[key]
-    with co.corrupted(model, CHOSEN, seed=3):
-        again = state(model)[key]
-    with co.corrupted(model, CHOSEN, seed=4):
-        other = state(model)[key]
-    assert torch.equal(first, again)
-    assert not torch.equal(first[1], other[1])
+    with pytest.raises(ValueError, match="kind"):
+        trust_runs.Breakage(model, CHOSEN, "melt")
+    with pytest.raises(ValueError, match="unknown contexts"):
+        trust_runs.Breakage(model, CHOSEN, contexts=("poetry",))
 
 
-def test_corruption_refuses_bad_targets(tmp_path):
-    model = tiny_model()
-    with pytest.raises(ValueError, match="layer 9 is not a sparse layer"):
-        co.corrupt_experts(model, {9: [0]}, seed=0)
-    with pytest.raises(ValueError, match="expert 8 out of range"):
-        co.corrupt_experts(model, {0: [8]}, seed=0)
-    save_thinker_checkpoint(model.state_dict(), CONFIG, tmp_path, num_shards=1)
-    on_demand = load_thinker(tmp_path, max_resident_experts=4)
-    with pytest.raises(ValueError, match="resident experts"):
-        co.corrupt_experts(on_demand, {0: [1]}, seed=0)
-
-
-def test_usage_counts_every_choice_and_choice_is_seeded_among_most_used():
-    model = tiny_model()
-    gen = torch.Generator().manual_seed(1)
-    samples = [
-        Sample(
-            c,
-            "train",
-            0,
-            0,
-            torch.randint(0, 64, (6,), generator=gen),
-            torch.randint(0, 64, (4,), generator=gen),
-        )
-        for c in CONTEXTS
-    ]
-    usage = co.expert_usage(model, samples)
-    assert sorted(usage) == [0, 1]
-    for counts in usage.values():
-        assert int(counts.sum()) == 3 * 10 * CONFIG.num_experts_per_tok
-
-    usage = {0: torch.tensor([5, 9, 1, 7, 7, 0, 3, 2]), 1: torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])}
-    chosen = co.choose_corrupted(usage, m=2, pool=3, seed=0)
-    assert set(chosen[0]) <= {1, 3, 4} and set(chosen[1]) <= {4, 5, 6}  # ties: lower index
-    assert all(len(set(v)) == 2 for v in chosen.values())
-    assert chosen == co.choose_corrupted(usage, m=2, pool=3, seed=0)
-    assert co.choose_corrupted(usage, m=2, pool=2, seed=9) == {0: [1, 3], 1: [4, 5]}
-    assert len({tuple(co.choose_corrupted(usage, 1, 3, s)[0]) for s in range(20)}) > 1
-    with pytest.raises(ValueError, match="pool"):
-        co.choose_corrupted(usage, m=3, pool=2, seed=0)
-
-
-def test_recovery_fraction_hand_cases():
-    assert co.recovery_fraction(10.0, 20.0, 15.0) == pytest.approx(0.5)
-    assert co.recovery_fraction(10.0, 20.0, 10.0) == pytest.approx(1.0)
-    assert co.recovery_fraction(10.0, 20.0, 20.0) == 0.0
-    assert co.recovery_fraction(10.0, 20.0, 25.0) == pytest.approx(-0.5)  # trust hurt
-    with pytest.raises(ValueError, match="did not raise perplexity"):
-        co.recovery_fraction(10.0, 10.0, 9.0)
-    with pytest.raises(ValueError, match="finite"):
-        co.recovery_fraction(10.0, math.nan, 9.0)
-
-
-def test_precision_at_m_and_lowest_trust():
-    assert co.precision_at_m([1, 2], [2, 3]) == 0.5
-    assert co.precision_at_m([3, 2], [2, 3]) == 1.0
-    assert co.precision_at_m([0], [5]) == 0.0
-    with pytest.raises(ValueError):
-        co.precision_at_m([1], [2, 3])
-    with pytest.raises(ValueError):
-        co.precision_at_m([1, 1], [1, 3])
-
-    table = TrustTable([0, 1], CONTEXTS, 6)
-    table.trust[0, :, 4] = -1.0  # low in every context
-    table.trust[0, 0, 2] = -2.0  # lower in one context, mean -2/3
-    table.trust[0, 1, 5] = 0.5
-    assert co.lowest_trust(table, 0, 2) == [4, 2]
-    assert co.lowest_trust(table, 0, 3) == [4, 2, 0]  # ties at 0: lower index first
-    assert co.lowest_trust(table, 1, 2) == [0, 1]
-    assert torch.allclose(co.expert_trust(table, 0), torch.tensor([0, 0, -2 / 3, 0, -1, 0.5 / 3]))
-
-
-def test_protocol_validates():
+def test_choose_broken_draws_from_the_most_used_pool():
+    usage = {0: torch.tensor([5, 9, 1, 9, 0, 3, 7, 2]), 1: torch.arange(8)}
+    chosen = trust_runs.choose_broken(usage, m=2, pool=3, seed=4)
+    assert set(chosen[0]) <= {1, 3, 6} and len(chosen[0]) == 2  # the 3 most used
+    assert set(chosen[1]) <= {7, 6, 5}
+    assert chosen == trust_runs.choose_broken(usage, 2, 3, 4)  # seeded
     with pytest.raises(ValueError, match="m <= pool"):
-        co.CorruptionProtocol(m=3, pool=2)
-    with pytest.raises(ValueError, match="context_source"):
-        co.CorruptionProtocol(context_source="oracle")
-    assert co.CorruptionProtocol(num_updates=50, eval_every=20).eval_steps() == [0, 20, 40, 50]
+        trust_runs.choose_broken(usage, m=4, pool=3, seed=0)
+
+
+def rows(values, arm, context="all", clean=2.0):
+    return [
+        {"seed": s, "arm": arm, "context": context, "perplexity": v, "clean_perplexity": clean}
+        for s, v in enumerate(values)
+    ]
+
+
+def test_recovery_and_relative_to_oracle_by_hand():
+    data = rows([4.0, 6.0], "router") + rows([3.0, 4.0], "oracle") + rows([3.5, 5.0], "cf")
+    assert trust_runs.recovery(data, "oracle") == pytest.approx([0.5, 0.5])
+    assert trust_runs.recovery(data, "cf") == pytest.approx([0.25, 0.25])
+    assert trust_runs.relative_to_oracle(data, "cf") == pytest.approx([0.5, 0.5])
+    assert trust_runs.paired(data, "cf", "router") == pytest.approx([3.5 / 4 - 1, 5 / 6 - 1])
+    undamaged = rows([2.0, 3.0], "router") + rows([2.0, 2.5], "x")
+    with pytest.raises(ValueError, match="did not raise"):
+        trust_runs.recovery(undamaged, "x")
+    assert trust_runs.damaged_seeds(undamaged) == [1]
+    assert trust_runs.recovery(undamaged, "x", seeds=[1]) == pytest.approx([0.5])
+
+
+def test_t_interval_matches_the_formula_and_can_exclude_zero():
+    values = [0.1, 0.3, 0.2, 0.25]
+    ci = trust_runs.t_interval(values)
+    mean = sum(values) / 4
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / 3)
+    half = 3.182446305284263 * sd / 2  # t(0.975, 3) * sd / sqrt(4)
+    assert ci["mean"] == pytest.approx(mean)
+    assert ci["low"] == pytest.approx(mean - half) and ci["high"] == pytest.approx(mean + half)
+    assert ci["low"] > 0
+    wide = trust_runs.t_interval([-1.0, 1.2, -0.8, 1.0])
+    assert wide["low"] < 0 < wide["high"]
+    with pytest.raises(ValueError):
+        trust_runs.t_interval([1.0])
+    bca = trust_runs.bca_interval([0.1, 0.3, 0.2, 0.25, 0.15, 0.22], seed=1)
+    assert bca["low"] < bca["mean"] < bca["high"]
+
+
+def test_precision_at_m_ranks_by_the_harm_bound():
+    table = TrustTable([0, 1], ["c"], 8)
+    for layer, good in ((0, [1, 5]), (1, [2, 3])):
+        for e in good:
+            for h in (1.0, 1.1, 0.9):
+                table.record_harm(layer, "c", e, h)
+    assert trust_runs.precision_at_m(table, "c", {0: [1, 5], 1: [0, 6]}, 0.05) == 0.5
+
+
+def test_every_arm_runs_on_the_same_windows_with_counted_passes():
+    model = tiny_model()
+    stream = windows(2)
+    breakage = trust_runs.Breakage(model, CHOSEN, "noise", seed=1)
+    settings = trust_runs.ArmSettings(ablations_per_window=3)
+    before = state(model)
+    arms = trust_runs.Arms(model, trust_runs.ARMS, settings, breakage)
+    for window in stream:
+        arms.train(window)
+    assert all(torch.equal(v, before[k]) for k, v in state(model).items())  # restored
+    passes = arms.passes
+    assert passes["counterfactual"]["forward"] == len(stream) * (3 + 1)
+    assert passes["learned_bias"] == {"forward": len(stream), "backward": len(stream)}
+    assert passes["router"] == {"forward": 0, "backward": 0}
+    assert passes["routing_weighted"]["forward"] == len(stream)
+    pooled = arms.selectors["counterfactual_context_free"].table
+    assert pooled.contexts == [trust_runs.POOLED] and pooled.harm_count.sum() == 3 * len(stream)
+    router = trust_runs.score_windows(model, stream)
+    oracle = trust_runs.score_windows(model, stream, arms.selectors["oracle"], breakage)
+    broken = trust_runs.score_windows(model, stream, None, breakage)
+    assert [r["context"] for r in router] == [w.context for w in stream]
+    assert all(r["tokens"] == 6 for r in router)
+    assert trust_runs.perplexity(oracle) != trust_runs.perplexity(broken)
+    assert trust_runs.perplexity(router) != trust_runs.perplexity(broken)
+
+
+def test_scenarios_cover_the_grid():
+    primary = unreliable_experts.scenarios("primary")
+    assert primary == [unreliable_experts.PRIMARY]
+    full = unreliable_experts.scenarios("full")
+    assert {(s["m"], s["kind"]) for s in full if s["contexts"] is None} == {
+        (m, k) for m in (1, 2, 4) for k in trust_runs.KINDS
+    }
+    assert [s["contexts"] for s in full if s["contexts"]] == [("code",)]
+    with pytest.raises(ValueError, match="grid"):
+        unreliable_experts.scenarios("huge")
+
+
+def test_choose_features_picks_the_best_mean_validation_accuracy():
+    rows = [
+        {"seed": 0, "features": "moe_in_0", "mode": "kmeans", "validation": 0.9, "heldout": 0.5},
+        {"seed": 1, "features": "moe_in_0", "mode": "kmeans", "validation": 0.5, "heldout": 0.5},
+        {
+            "seed": 0,
+            "features": "moe_in_1",
+            "mode": "supervised",
+            "validation": 0.8,
+            "heldout": 0.7,
+        },
+        {
+            "seed": 1,
+            "features": "moe_in_1",
+            "mode": "supervised",
+            "validation": 0.8,
+            "heldout": 0.9,
+        },
+    ]
+    chosen = trust_runs.choose_features(rows)
+    assert (chosen["features"], chosen["mode"]) == ("moe_in_1", "supervised")
+    assert chosen["heldout"] == pytest.approx(0.8)
+
+
+def test_pooled_features_by_layer_match_the_classifier_features_at_each_block():
+    from sage_core.trust.classifier import features
+
+    model = tiny_model()
+    stream = windows(1)
+    got = trust_runs.pooled_features_by_layer(model, stream)
+    assert sorted(got) == ["moe_in_0", "moe_in_1"]
+    captured = []
+    handle = model.sparse_blocks()[1].register_forward_pre_hook(
+        lambda module, args: captured.append(args[0])
+    )
+    model.hidden_states(stream[2].prompt[None])
+    handle.remove()
+    assert np.allclose(got["moe_in_1"][2], features(captured[0].detach())[0], atol=1e-5)

@@ -1,6 +1,5 @@
 """Experiment protocol (sage_core.studies.experiments): bootstrap CIs, inputs, an end-to-end tiny run."""
 
-import json
 import math
 import warnings
 
@@ -14,18 +13,12 @@ from sage_core.model.thinker import Qwen3OmniThinker
 from sage_core.model.tokenizer import ByteTokenizer
 from sage_core.studies.experiments import (
     ContextAssigner,
-    TrustProtocol,
     bootstrap_ci,
-    evaluate,
-    final_effects,
     first_last_effect,
     make_samples,
     moe_input_states,
-    paired_effect,
-    perplexity_by_context,
+    prompt_features,
     run_generations,
-    run_learning_curve,
-    save_records,
     score_continuation,
     trust_changes,
 )
@@ -151,49 +144,20 @@ def test_classifier_in_the_loop_reports_accuracy_and_purity(model, corpus):
         assigner = ContextAssigner.fit(model, train, mode, seed=0)
         stats = assigner.evaluate(model, held)
         assert stats["mode"] == mode and stats["samples"] == 6
-        assert 0 <= stats["accuracy"] <= 1 and 1 / 3 <= stats["purity"] <= 1
-        assert assigner.assign(model, held[0].prompt) in CONTEXTS
+        # the reported numbers, recomputed by hand from each prompt's own assignment
+        assigned = [assigner.assign(model, s.prompt) for s in held]
+        accuracy = sum(a == s.context for a, s in zip(assigned, held, strict=True)) / len(held)
+        assert stats["accuracy"] == pytest.approx(accuracy)
+        feats = np.concatenate([prompt_features(model, s.prompt) for s in held])
+        raw = assigner.classifier.predict(feats)
+        majority = sum(
+            max(sum(1 for r, s in zip(raw, held) if r == k and s.context == c) for c in CONTEXTS)
+            for k in set(raw.tolist())
+        )
+        assert stats["purity"] == pytest.approx(majority / len(held))
 
 
 # --- end to end ----------------------------------------------------------------------------
-
-
-def test_tiny_learning_curve_records(model, corpus, tmp_path):
-    protocol = TrustProtocol(
-        num_updates=3,
-        eval_every=2,
-        seeds=(0, 1),
-        classifier_per_context=2,
-        heldout_per_context=1,
-        prompt_tokens=8,
-        continuation_tokens=8,
-        beta=3.0,
-    )
-    out = run_learning_curve(model, ByteTokenizer(), protocol, corpus, show_progress=False)
-    curve = out["curve"]
-    assert set(curve[0]) == {
-        "seed",
-        "arm",
-        "step",
-        "context",
-        "nll_sum",
-        "tokens",
-        "mean_nll",
-        "perplexity",
-        "rule",
-        "beta",
-        "context_source",
-    }
-    assert sorted({r["step"] for r in curve}) == [0, 2, 3]
-    assert len(curve) == 2 * 2 * 3 * (len(CONTEXTS) + 1)
-    assert len(out["updates"]) == 2 * 3 and len(out["classifier"]) == 2
-    # neutral trust at step 0 is the router exactly
-    for effect in paired_effect(curve, step=0):
-        assert effect["nll_diff"] == 0.0
-    assert len(paired_effect(curve, step=3, context="code")) == 2
-    paths = save_records(curve, "curve", directory=tmp_path)
-    assert json.loads(paths["json"].read_text()) == curve
-    assert paths["csv"].read_text().splitlines()[0].startswith("seed,arm,step,context")
 
 
 def test_generations_baseline_and_trust(model, corpus):
@@ -221,31 +185,6 @@ def test_generations_baseline_and_trust(model, corpus):
         for layer, experts in change["experts"].items():
             assert set(experts) <= set(record["experts_used"][layer])
     assert first_last_effect(base["records"], n=1)["first"] == base["records"][0]["perplexity"]
-    rows = evaluate(model, samples)
-    assert perplexity_by_context(rows)["all"]["tokens"] == 18
-
-
-def test_final_effects_one_row_per_variant(model, corpus):
-    protocol = TrustProtocol(
-        num_updates=2,
-        eval_every=1,
-        seeds=(0,),
-        heldout_per_context=1,
-        prompt_tokens=8,
-        continuation_tokens=8,
-        context_source="label",
-    )
-    rows = final_effects(
-        model,
-        ByteTokenizer(),
-        protocol,
-        {"no trust": {"beta": 0.0}, "strong": {"beta": 50.0}},
-        corpus=corpus,
-        show_progress=False,
-    )
-    assert [r["variant"] for r in rows] == ["no trust", "strong"]
-    assert rows[0]["relative_change"] == 0.0  # beta 0 is the router exactly
-    assert rows[1]["relative_change"] != 0.0 and rows[1]["step"] == 2
 
 
 def test_verdict_reads_the_ci():

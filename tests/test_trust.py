@@ -10,10 +10,16 @@ from sage_core.model.moe import RouterTopK
 from sage_core.model.thinker import Qwen3OmniThinker
 from sage_core.trust import (
     REPORT_PRIOR,
+    AblationSelector,
+    CounterfactualLearner,
+    LearnedBiasLearner,
+    LearnedBiasSelector,
+    OracleSelector,
     TrustLearner,
     TrustSelector,
     TrustStateError,
     TrustTable,
+    continuation_nll,
     dense_routing,
 )
 
@@ -56,14 +62,15 @@ def random_trust(table, seed):
     prior=st.sampled_from([0.0, 0.5, -1.25]),
     beta=st.floats(0, 10),
     coarse=st.booleans(),
+    rule=st.sampled_from(["exclude", "bias"]),
 )
 def test_neutral_trust_is_router_topk_on_every_layer(
-    seed, tokens, num_experts, data, dtype, norm_topk_prob, prior, beta, coarse
+    seed, tokens, num_experts, data, dtype, norm_topk_prob, prior, beta, coarse, rule
 ):
     top_k = data.draw(st.integers(1, num_experts))
     layers = [0, 2, 5]
     table = TrustTable(layers, CONTEXTS, num_experts, prior=prior)
-    selector = TrustSelector(table, top_k, norm_topk_prob, rule="bias", beta=beta)
+    selector = TrustSelector(table, top_k, norm_topk_prob, rule=rule, beta=beta)
     router = RouterTopK(top_k, norm_topk_prob)
     gen = torch.Generator().manual_seed(seed)
     logits = torch.randn(tokens, num_experts, generator=gen) * 3
@@ -93,7 +100,7 @@ def test_model_with_trust_selector_matches_router_exactly(dtype, trust):
     if trust != "neutral":
         random_trust(table, seed=3)
         beta = 0.0
-    selector = TrustSelector.for_model(model, table, beta=beta)
+    selector = TrustSelector.for_model(model, table, rule="bias", beta=beta)
     selector.context = "text"
     model.set_selector(selector)
     with model.routing_trace() as trust_trace:
@@ -108,7 +115,7 @@ def test_learned_trust_changes_the_choice_and_is_logged():
     model = tiny_model()
     table = random_trust(TrustTable.for_model(model, CONTEXTS), seed=4)
     table.trust *= 5
-    selector = TrustSelector.for_model(model, table, beta=1.0)
+    selector = TrustSelector.for_model(model, table, rule="bias", beta=1.0)
     selector.context = "code"
     selector.recording = True
     model.set_selector(selector)
@@ -123,7 +130,7 @@ def test_learned_trust_changes_the_choice_and_is_logged():
 def test_bias_rule_ranks_by_log_prob_plus_beta_trust():
     table = TrustTable([0], ["c"], 4)
     table.trust[0, 0] = torch.tensor([0.0, 0.0, 2.0, 0.0])
-    selector = TrustSelector(table, top_k=2, norm_topk_prob=True, beta=1.0)
+    selector = TrustSelector(table, top_k=2, norm_topk_prob=True, rule="bias", beta=1.0)
     selector.context = "c"
     logits = torch.tensor([[3.0, 2.5, 1.0, 0.0]])
     indices, weights = selector(logits, 0, torch.zeros(1, 1))
@@ -268,3 +275,243 @@ def test_report_rule_runs_in_the_model_with_one_choice_per_call(dtype):
     for layer in table.layers:
         indices, weights = trace[layer][0]
         assert (indices == indices[0]).all() and (weights == weights[0]).all()
+
+
+# --- tests that a broken trust fails -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("trust", "beta", "expected"),
+    [
+        # p = softmax([log .6, log .3, log .1]). Log space: log .1 + 2 * .45 = -1.40 < log .6;
+        # probability space (p + beta * trust) would pick expert 2 (1.0 > 0.6).
+        ([0.0, 0.0, 0.45], 2.0, 0),
+        # log .3 + beta * .5 beats log .6 only when beta > 1.39: beta = 2 picks expert 1,
+        # beta = 1 (a rule that ignores beta) would pick expert 0.
+        ([0.0, 0.5, 0.0], 2.0, 1),
+        ([0.0, 0.5, 0.0], 1.0, 0),
+    ],
+)
+def test_bias_rule_is_log_space_and_uses_beta(trust, beta, expected):
+    table = TrustTable([0], ["c"], 3)
+    table.trust[0, 0] = torch.tensor(trust)
+    selector = TrustSelector(table, top_k=1, rule="bias", beta=beta)
+    selector.context = "c"
+    logits = torch.tensor([[0.6, 0.3, 0.1]]).log()
+    indices, _ = selector(logits, 0, torch.zeros(1, 1))
+    assert indices.tolist() == [[expected]]
+
+
+def test_learner_baseline_momentum_weighs_the_old_baseline_by_m():
+    table = TrustTable([0], ["c"], 2)
+    learner = TrustLearner(table, learning_rate=0.1, baseline_momentum=0.8)
+    routing = {0: torch.tensor([[1.0, 0.0]])}
+    learner.update("c", torch.tensor([2.0]), routing)  # first generation: its own baseline
+    assert learner.baseline["c"] == pytest.approx(2.0)
+    learner.update("c", torch.tensor([7.0]), routing)
+    assert learner.baseline["c"] == pytest.approx(0.8 * 2.0 + 0.2 * 7.0)
+
+
+def harmful_table(layer=0, context="code", expert=2, harm=1.0, n=5):
+    table = TrustTable([layer], CONTEXTS, 6)
+    for i in range(n):
+        table.record_harm(layer, context, expert, harm + 0.01 * i)
+    return table
+
+
+def test_exclusion_removes_even_the_top_choice_and_gives_its_slot_to_the_next():
+    table = harmful_table(expert=2)
+    selector = TrustSelector(table, top_k=2, norm_topk_prob=True)
+    selector.context = "code"
+    logits = torch.tensor([[0.0, 1.0, 5.0, 2.0, -1.0, 0.5]])  # expert 2 is the top choice
+    indices, weights = selector(logits, 0, torch.zeros(1, 3))
+    assert indices.tolist() == [[3, 1]]  # the router's 2nd and 3rd choices
+    probs = torch.softmax(logits, -1)[0, [3, 1]]
+    assert torch.allclose(weights[0], probs / probs.sum())
+
+
+def test_evidence_in_one_context_leaves_the_others_at_the_routers_choice():
+    table = harmful_table(context="code", expert=2)
+    selector = TrustSelector(table, top_k=2, norm_topk_prob=True)
+    router = RouterTopK(2, True)
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2 * 5, 6, generator=gen)
+    logits[:, 2] += 4  # expert 2 is everyone's top choice
+    hidden = torch.zeros(10, 3)
+    want_i, want_w = router(logits, 0, hidden)
+    for context in ("reasoning", "text"):
+        selector.context = context
+        got_i, got_w = selector(logits, 0, hidden)
+        assert torch.equal(got_i, want_i) and torch.equal(got_w, want_w)
+    selector.context = "code"
+    assert not (selector(logits, 0, hidden)[0] == 2).any()
+    # one context per sequence: sequence 0 is code (excluded), sequence 1 text (router)
+    selector.context = ["code", "text"]
+    got_i, got_w = selector(logits, 0, hidden)
+    assert not (got_i[:5] == 2).any()
+    assert torch.equal(got_i[5:], want_i[5:]) and torch.equal(got_w[5:], want_w[5:])
+
+
+def test_exclusion_needs_a_lower_bound_above_zero():
+    table = TrustTable([0], ["c"], 4)
+    for harm in (1.0, -0.9, 1.1):  # positive mean, but the interval contains zero
+        table.record_harm(0, "c", 1, harm)
+    assert not table.harmful(0, "c").any()
+    for harm in (0.5, 0.52, 0.49):
+        table.record_harm(0, "c", 3, harm)
+    assert table.harmful(0, "c").tolist() == [False, False, False, True]
+    values = torch.tensor([0.5, 0.52, 0.49], dtype=torch.float64)
+    assert float(table.harm_mean[0, 0, 3]) == pytest.approx(float(values.mean()), rel=1e-6)
+    se = float(values.std() / values.numel() ** 0.5)
+    assert float(table.harm_standard_error()[0, 0, 3]) == pytest.approx(se, rel=1e-4)
+    assert float(table.harm_standard_error()[0, 0, 0]) == float("inf")
+
+
+def test_oracle_selector_excludes_exactly_the_named_experts():
+    table = TrustTable([0, 1], ["c", "d"], 6)
+    oracle = OracleSelector(table, 2, True, {"c": {0: [2]}})
+    logits = torch.tensor([[0.0, 1.0, 5.0, 2.0, -1.0, 0.5]])
+    oracle.context = "c"
+    assert oracle(logits, 0, torch.zeros(1, 1))[0].tolist() == [[3, 1]]
+    assert oracle(logits, 1, torch.zeros(1, 1))[0].tolist() == [[2, 3]]
+    oracle.context = "d"
+    assert oracle(logits, 0, torch.zeros(1, 1))[0].tolist() == [[2, 3]]
+
+
+def trained_model_with_broken_expert(layer=1):
+    """The embedded trained model with the most used expert of `layer` sign-flipped and
+    scaled 8x: a known-harmful expert. Returns (model, expert, windows of real text)."""
+    from sage_core.checkpoint import load_thinker
+    from sage_core.corpus import load_corpus
+    from sage_core.model.tokenizer import load_tokenizer
+    from sage_core.paths import MODELS
+
+    path = sorted(p.parent for p in MODELS.glob("*/config.json"))[0]
+    model, tokenizer = load_thinker(path).eval(), load_tokenizer(path)
+    corpus = load_corpus()
+    docs = [d for c in CONTEXTS for d in corpus.documents(c, "train")[:8]]
+    windows = [torch.tensor(tokenizer.encode(d)[:48], dtype=torch.int64) for d in docs]
+    with torch.no_grad(), model.routing_trace() as trace:
+        for ids in windows:
+            model(ids[None])
+    usage = sum(
+        torch.bincount(i.reshape(-1), minlength=model.config.num_experts) for i, _ in trace[layer]
+    )
+    expert = int(usage.argmax())
+    with torch.no_grad():
+        model.sparse_blocks()[layer].experts.down_proj[expert] *= -8.0
+    return model, expert, windows
+
+
+def direct_harm(model, ids, prompt_tokens, layer, expert):
+    """Mean continuation NLL with the router minus with (layer, expert) ablated, each run
+    as its own forward of one sequence."""
+    with torch.no_grad():
+        model.set_selector(None)
+        base = continuation_nll(model, ids, prompt_tokens).mean()
+        c = model.config
+        cells = [(layer, expert)]
+        model.set_selector(
+            AblationSelector(c.num_experts_per_tok, c.norm_topk_prob, c.num_experts, cells)
+        )
+        ablated = continuation_nll(model, ids, prompt_tokens).mean()
+        model.set_selector(None)
+    return float(base - ablated)
+
+
+def test_counterfactual_estimate_converges_to_the_ablation_effect():
+    # Hand-built: a random model whose every window is ablated for every cell; the
+    # running mean must equal the mean of the directly measured ablation effects.
+    model = tiny_model()
+    table = TrustTable.for_model(model, CONTEXTS)
+    learner = CounterfactualLearner(table, ablations_per_window=CONFIG.num_experts * 3)
+    gen = torch.Generator().manual_seed(5)
+    windows = [torch.randint(0, CONFIG.vocab_size, (16,), generator=gen) for _ in range(6)]
+    effects = []
+    for ids in windows:
+        learner.update(model, ids[:8], ids[8:], "code")
+        effects.append(direct_harm(model, ids[None], 8, 1, 3))
+    assert int(table.harm_count[table.layer_pos(1), 0, 3]) == len(windows)
+    assert any(abs(e) > 1e-5 for e in effects)
+    mean = float(table.harm_mean[table.layer_pos(1), 0, 3])
+    assert mean == pytest.approx(sum(effects) / len(effects), abs=1e-6)
+    assert not table.harm_count[:, 1:].any()  # nothing learned for the other contexts
+    # With a zero output head every window's NLL is log(V) whatever the routing: the known
+    # effect of every ablation is exactly 0, so the estimate is 0 and nothing is excluded.
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    flat = TrustTable.for_model(model, CONTEXTS)
+    CounterfactualLearner(flat, 8).update(model, windows[0][:8], windows[0][8:], "text")
+    assert flat.harm_count.sum() == 8 and not flat.harm_mean.any()
+
+
+def test_counterfactual_learning_finds_a_broken_expert_and_routes_around_it():
+    model, expert, windows = trained_model_with_broken_expert(layer=1)
+    table = TrustTable.for_model(model, CONTEXTS)
+    learner = CounterfactualLearner(table, ablations_per_window=32)
+    for ids in windows:
+        learner.update(model, ids[:24], ids[24:], "code")
+    li = table.layer_pos(1)
+    assert float(table.harm_mean[li, 0, expert]) > 0
+    assert bool(table.harmful(1, "code")[expert])
+    selector = TrustSelector.for_model(model, table)
+    for context, avoided in (("code", True), ("text", False)):
+        selector.context = context
+        model.set_selector(selector)
+        with torch.no_grad(), model.routing_trace() as trace:
+            model(windows[0][None])
+        model.set_selector(None)
+        assert (trace[1][0][0] == expert).any() != avoided
+
+
+def test_counterfactual_cost_is_counted():
+    model = tiny_model()
+    table = TrustTable.for_model(model, CONTEXTS)
+    learner = CounterfactualLearner(table, ablations_per_window=3)
+    ids = torch.arange(12)
+    info = learner.update(model, ids[:6], ids[6:], "text")
+    assert len(info["cells"]) == 3
+    assert learner.sequence_forwards == 3 + 1
+    assert float(table.harm_count.sum()) == 3
+
+
+def test_learned_bias_starts_as_the_router_and_learns_to_avoid_a_broken_expert():
+    model, expert, windows = trained_model_with_broken_expert(layer=1)
+    E = model.config.num_experts
+    selector = LearnedBiasSelector.for_model(model, CONTEXTS)
+    router = RouterTopK(model.config.num_experts_per_tok, model.config.norm_topk_prob)
+    logits = torch.randn(5, E, generator=torch.Generator().manual_seed(2))
+    selector.context = "code"
+    got, want = selector(logits, 1, torch.zeros(5, 4)), router(logits, 1, torch.zeros(5, 4))
+    assert torch.equal(got[0], want[0]) and torch.allclose(got[1], want[1])
+    learner = LearnedBiasLearner(selector, learning_rate=0.1, l2=1e-4)
+    for ids in windows * 2:
+        learner.update(model, ids[:24], ids[24:], "code")
+    bias = selector.bias.detach()
+    li = selector.layers.index(1)
+    assert float(bias[li, 0, expert]) < float(bias[li, 0].median())
+    assert not bias[:, 1:].any()  # other contexts untouched
+    assert all(not p.requires_grad or p.grad is None for p in model.parameters())
+
+
+def test_schema_version_1_files_are_refused_with_a_clear_error(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "old.safetensors"
+    table = TrustTable([0], ["c"], 4)
+    save_file(
+        {n: getattr(table, n) for n in ("trust", "counts", "updates")},
+        str(path),
+        metadata={"schema_version": "1", "kind": "sage_core.TrustTable"},
+    )
+    with pytest.raises(TrustStateError, match="schema_version '1'") as info:
+        TrustTable.load(path)
+    assert str(path) in str(info.value)
+
+
+def test_harm_statistics_survive_save_and_load(tmp_path):
+    table = harmful_table()
+    loaded = TrustTable.load(table.save(tmp_path / "t.safetensors"))
+    for name in ("harm_mean", "harm_m2", "harm_count"):
+        assert torch.equal(getattr(loaded, name), getattr(table, name))
+    assert torch.equal(loaded.harmful(0, "code"), table.harmful(0, "code"))

@@ -68,6 +68,10 @@ DELIBERATE_SITES = {
     ),
     "sage_core.trust.table.TrustTable.__init__": ("trust state", FLOAT32_ONLY),
     "sage_core.trust.table.TrustTable.load": ("trust state read from its file", FLOAT32_ONLY),
+    "sage_core.trust.state.load_state": (
+        "trust and classifier state read from its file",
+        FLOAT32_ONLY,
+    ),
     "sage_core.trust.table.TrustTable.credit": ("trust state", FLOAT32_ONLY),
     "sage_core.trust.table.dense_routing": ("routing weights as trust state", FLOAT32_ONLY),
     "sage_core.checkpoint.reader.SafetensorsReader.read": (

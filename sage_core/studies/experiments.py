@@ -1,18 +1,14 @@
-"""Baseline and trust-augmented runs over the same inputs, returning tidy records.
-
-The protocol:
+"""Inputs, scoring and the report's ten generations done on real text (notebook 04), and
+the pieces notebooks 04-07 share: the model loader, corpus windows, the classifier in the
+loop, records.
 
 - Inputs are windows of the three-context corpus: a prompt of `prompt_tokens` tokens and
-  its real continuation of `continuation_tokens` tokens (`Sample`). Trust learns on a
-  stream of training-split windows in mixed contexts; it is evaluated on held-out-split
-  windows only, drawn once per seed and fixed for that seed's whole run.
+  its real continuation of `continuation_tokens` tokens (`Sample`).
 - Quality is teacher-forced: the NLL of the real continuation given the prompt, with the
-  selector under test active. Perplexity per context is exp(total NLL / total tokens).
+  selector under test active.
 - The context comes from the corpus label or from a `ContextAssigner` (a classifier on the
   mean-pooled, L2-normalised hidden states at the first MoE block's input, computed from
-  the prompt only): `context_source` separates classifier errors from trust effects.
-- The baseline (the router alone) runs on the same held-out windows; effects are paired
-  per seed, with seeded bootstrap confidence intervals.
+  the prompt only). The trust arms of notebooks 05 and 07 live in `trust_runs`.
 
 Every function returns plain records (lists of dicts); `save_records` writes them as CSV
 and JSON under `sage_core.paths.RESULTS` (gitignored).
@@ -25,7 +21,7 @@ import io
 import json
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,16 +34,10 @@ from sage_core.model.generation import generate
 from sage_core.notebook.progress import progress
 from sage_core.paths import MODELS, RESULTS
 from sage_core.trust import (
-    TrustLearner,
-    TrustSelector,
     TrustTable,
     dense_routing,
 )
 from sage_core.trust.classifier import ContextClassifier
-
-CONTEXT_SOURCES = ("classifier", "label")
-ALL = "all"  # the context name of rows aggregated over every context
-
 
 # --- model and inputs --------------------------------------------------------------------
 
@@ -224,13 +214,19 @@ class ContextAssigner:
         }
 
 
-def prompt_features(model, prompt: torch.Tensor) -> np.ndarray:
-    """(1, H) float32 features of one prompt: mean-pooled, L2-normalised MoE input."""
-    device = model.model.embed_tokens.weight.device
-    states = moe_input_states(model, prompt.to(device)[None])
+def moe_features(model, ids: torch.Tensor) -> np.ndarray:
+    """(B, H) float32 classifier features of (B, S) token ids: the hidden states entering
+    the first sparse layer's MoE block, mean-pooled and L2-normalised. The one feature
+    extractor of the classifier in the loop (notebooks 04-06)."""
     from sage_core.trust.classifier import features
 
-    return features(states)
+    device = model.model.embed_tokens.weight.device
+    return features(moe_input_states(model, ids.to(device)))
+
+
+def prompt_features(model, prompt: torch.Tensor) -> np.ndarray:
+    """(1, H) features of one prompt (`moe_features`)."""
+    return moe_features(model, prompt[None])
 
 
 # --- scoring ------------------------------------------------------------------------------
@@ -267,244 +263,6 @@ def _context_for(sample, context_source, assigner, model) -> str:
     if assigner is None:
         raise ValueError("context_source='classifier' needs a fitted ContextAssigner")
     return assigner.assign(model, sample.prompt)
-
-
-def evaluate(model, samples, selector=None, context_source="label", assigner=None) -> list[dict]:
-    """One row per sample: its NLL sum and token count under `selector` (None: the router)."""
-    model.set_selector(selector)
-    rows = []
-    try:
-        for i, sample in enumerate(samples):
-            context = _context_for(sample, context_source, assigner, model)
-            if selector is not None:
-                selector.context = context
-            nll, _ = score_continuation(model, sample)
-            rows.append(
-                {
-                    "sample": i,
-                    "context": sample.context,
-                    "assigned": context,
-                    "nll_sum": math.fsum(nll.tolist()),
-                    "tokens": int(nll.numel()),
-                }
-            )
-    finally:
-        model.set_selector(None)
-    return rows
-
-
-def perplexity_by_context(rows) -> dict[str, dict]:
-    """{context or "all": {"nll_sum", "tokens", "mean_nll", "perplexity"}} from eval rows."""
-    out = {}
-    for context in (*CONTEXTS, ALL):
-        chosen = [r for r in rows if context in (ALL, r["context"])]
-        if not chosen:
-            continue
-        nll = sum(r["nll_sum"] for r in chosen)
-        tokens = sum(r["tokens"] for r in chosen)
-        out[context] = {
-            "nll_sum": nll,
-            "tokens": tokens,
-            "mean_nll": nll / tokens,
-            "perplexity": math.exp(nll / tokens),
-        }
-    return out
-
-
-# --- the learning curve -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TrustProtocol:
-    """Parameters of a trust run (model parameters are the caller's: load_model)."""
-
-    rule: str = "bias"
-    beta: float = 1.0
-    alpha: float = 0.3
-    learning_rate: float = 0.5
-    baseline_momentum: float = 0.9
-    num_updates: int = 60
-    eval_every: int = 10
-    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    context_source: str = "classifier"
-    classifier_mode: str = "supervised"
-    classifier_per_context: int = 12
-    heldout_per_context: int = 4
-    prompt_tokens: int = 64
-    continuation_tokens: int = 64
-
-    def __post_init__(self):
-        check_run_settings(self.context_source, self.seeds)
-        if self.num_updates < 0 or self.eval_every < 1:
-            raise ValueError(
-                f"num_updates must be >= 0 and eval_every >= 1, got "
-                f"{self.num_updates}, {self.eval_every}"
-            )
-
-    def eval_steps(self) -> list[int]:
-        return eval_schedule(self.num_updates, self.eval_every)
-
-
-def check_run_settings(context_source: str, seeds) -> None:
-    """The checks every trust protocol shares: a known context source, distinct seeds."""
-    if context_source not in CONTEXT_SOURCES:
-        raise ValueError(f"context_source must be one of {CONTEXT_SOURCES}, got {context_source!r}")
-    if len(seeds) < 1 or len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be distinct and non-empty, got {seeds}")
-
-
-def eval_schedule(num_updates: int, eval_every: int) -> list[int]:
-    """Update counts at which to evaluate: 0, eval_every, 2 * eval_every, ... and the last."""
-    steps = list(range(0, num_updates + 1, eval_every))
-    return steps if steps[-1] == num_updates else [*steps, num_updates]
-
-
-def _curve_rows(seed, arm, step, rows, protocol) -> list[dict]:
-    return [
-        {
-            "seed": seed,
-            "arm": arm,
-            "step": step,
-            "context": context,
-            **stats,
-            "rule": protocol.rule,
-            "beta": protocol.beta,
-            "context_source": protocol.context_source,
-        }
-        for context, stats in perplexity_by_context(rows).items()
-    ]
-
-
-def run_learning_curve(
-    model,
-    tokenizer,
-    protocol: TrustProtocol,
-    corpus=None,
-    show_progress: bool = True,
-    desc: str = "learning curve",
-) -> dict[str, list[dict]]:
-    """Trust learned on a training stream, evaluated on fixed held-out windows every
-    `eval_every` updates, against the router alone on the same windows, for each seed.
-
-    Returns {"curve": one row per (seed, arm, step, context incl. "all"),
-             "updates": one row per training update, "classifier": one row per seed,
-             "samples": the held-out windows used}. The baseline does not learn: it is
-    evaluated once per seed and its row repeated at every eval step, for pairing.
-    """
-    corpus = corpus or load_corpus()
-    steps = protocol.eval_steps()
-    per_stream_context = max(1, math.ceil(protocol.num_updates / len(CONTEXTS)))
-    curve, updates, classifier_rows, sample_rows = [], [], [], []
-    work = len(protocol.seeds) * (protocol.num_updates + len(steps))
-    bar = progress(total=work, desc=desc, disable=not show_progress)
-    try:
-        for seed in protocol.seeds:
-            torch.manual_seed(seed)
-            heldout = make_samples(
-                tokenizer,
-                "heldout",
-                protocol.heldout_per_context,
-                protocol.prompt_tokens,
-                protocol.continuation_tokens,
-                seed,
-                corpus,
-                stream="eval",
-            )
-            stream = make_samples(
-                tokenizer,
-                "train",
-                per_stream_context,
-                protocol.prompt_tokens,
-                protocol.continuation_tokens,
-                seed,
-                corpus,
-                stream="trust",
-            )
-            random.Random(f"{seed}:stream-order").shuffle(stream)
-            stream = stream[: protocol.num_updates]
-            sample_rows += [
-                {
-                    "seed": seed,
-                    "sample": i,
-                    "context": s.context,
-                    "document": s.document,
-                    "offset": s.offset,
-                }
-                for i, s in enumerate(heldout)
-            ]
-            assigner = None
-            if protocol.context_source == "classifier":
-                fit_on = make_samples(
-                    tokenizer,
-                    "train",
-                    protocol.classifier_per_context,
-                    protocol.prompt_tokens,
-                    protocol.continuation_tokens,
-                    seed,
-                    corpus,
-                    stream="classifier",
-                )
-                assigner = ContextAssigner.fit(model, fit_on, protocol.classifier_mode, seed)
-                classifier_rows.append({"seed": seed, **assigner.evaluate(model, heldout)})
-
-            baseline = evaluate(model, heldout)
-            table = TrustTable.for_model(model, CONTEXTS)
-            selector = TrustSelector.for_model(
-                model, table, rule=protocol.rule, beta=protocol.beta, alpha=protocol.alpha
-            )
-            learner = TrustLearner(table, protocol.learning_rate, protocol.baseline_momentum)
-            for step in range(protocol.num_updates + 1):
-                if step in steps:
-                    rows = evaluate(model, heldout, selector, protocol.context_source, assigner)
-                    curve += _curve_rows(seed, "trust", step, rows, protocol)
-                    curve += _curve_rows(seed, "baseline", step, baseline, protocol)
-                    bar.update(1)
-                if step == protocol.num_updates:
-                    break
-                sample = stream[step]
-                context = _context_for(sample, protocol.context_source, assigner, model)
-                selector.context = context
-                model.set_selector(selector)
-                try:
-                    nll, routing = score_continuation(model, sample, with_routing=True)
-                finally:
-                    model.set_selector(None)
-                info = learner.update(context, nll, routing)
-                updates.append(
-                    {"seed": seed, "step": step + 1, "true_context": sample.context, **info}
-                )
-                bar.update(1)
-    finally:
-        bar.close()
-        model.set_selector(None)
-    return {
-        "curve": curve,
-        "updates": updates,
-        "classifier": classifier_rows,
-        "samples": sample_rows,
-    }
-
-
-def paired_effect(curve: list[dict], step: int, context: str = ALL) -> list[dict]:
-    """Per seed at `step`: trust vs baseline mean NLL difference (nats/token) and the
-    relative perplexity change exp(diff) - 1 (negative: trust lowers perplexity)."""
-    rows = {
-        (r["seed"], r["arm"]): r for r in curve if r["step"] == step and r["context"] == context
-    }
-    seeds = sorted({seed for seed, _ in rows})
-    out = []
-    for seed in seeds:
-        diff = rows[(seed, "trust")]["mean_nll"] - rows[(seed, "baseline")]["mean_nll"]
-        out.append(
-            {
-                "seed": seed,
-                "step": step,
-                "context": context,
-                "nll_diff": diff,
-                "relative_ppl_change": math.expm1(diff),
-            }
-        )
-    return out
 
 
 def bootstrap_ci(
@@ -679,8 +437,6 @@ def save_records(records: list[dict], name: str, directory=None) -> dict[str, Pa
 
 
 def _jsonable(obj):
-    if isinstance(obj, TrustProtocol):
-        return asdict(obj)
     if isinstance(obj, np.generic):
         return obj.item()
     raise TypeError(f"cannot write {type(obj).__name__} to JSON")
@@ -689,137 +445,12 @@ def _jsonable(obj):
 # --- summaries and figures ----------------------------------------------------------------
 
 
-def final_effects(
-    model,
-    tokenizer,
-    protocol: TrustProtocol,
-    variants: dict[str, dict],
-    seed: int = 0,
-    corpus=None,
-    show_progress: bool = True,
-) -> list[dict]:
-    """For each named variant (protocol fields to replace), run the protocol evaluated only
-    before and after all updates; one row per variant: the overall paired effect at the
-    end with its bootstrap CI (as in `effect_summary`)."""
-    from dataclasses import replace
-
-    rows = []
-    for name, change in variants.items():
-        variant = replace(protocol, **{"eval_every": protocol.num_updates or 1, **change})
-        curve = run_learning_curve(model, tokenizer, variant, corpus, show_progress, desc=name)[
-            "curve"
-        ]
-        final = [
-            r
-            for r in effect_summary(curve, seed)
-            if r["step"] == variant.num_updates and r["context"] == ALL
-        ]
-        rows.append({"variant": name, **change, **final[0]})
-    return rows
-
-
 def verdict(row: dict) -> str:
     """What a CI of the relative perplexity change (trust vs router) supports:
     "improvement" (CI below zero), "harm" (CI above zero) or "no difference"."""
     if row["ci_high"] < 0:
         return "improvement"
     return "harm" if row["ci_low"] > 0 else "no difference"
-
-
-def effect_summary(curve: list[dict], seed: int = 0) -> list[dict]:
-    """Per (step, context): the paired relative perplexity change trust vs baseline over
-    seeds, its seeded bootstrap 95% CI, and each arm's mean perplexity."""
-    out = []
-    steps = sorted({r["step"] for r in curve})
-    contexts = [c for c in (*CONTEXTS, ALL) if any(r["context"] == c for r in curve)]
-    for context in contexts:
-        for step in steps:
-            effects = paired_effect(curve, step, context)
-            ci = bootstrap_ci([e["relative_ppl_change"] for e in effects], seed=seed)
-            arms = {
-                arm: float(
-                    np.mean(
-                        [
-                            r["perplexity"]
-                            for r in curve
-                            if r["step"] == step and r["context"] == context and r["arm"] == arm
-                        ]
-                    )
-                )
-                for arm in ("baseline", "trust")
-            }
-            out.append(
-                {
-                    "step": step,
-                    "context": context,
-                    "seeds": ci["n"],
-                    "baseline_ppl": arms["baseline"],
-                    "trust_ppl": arms["trust"],
-                    "relative_change": ci["mean"],
-                    "ci_low": ci["low"],
-                    "ci_high": ci["high"],
-                }
-            )
-    return out
-
-
-def plot_learning_curve(curve: list[dict], seed: int = 0):
-    """Top: held-out perplexity per context and overall, trust and baseline, mean over
-    seeds with bootstrap 95% CI bands. Bottom: the paired relative change with its CI."""
-    import matplotlib.pyplot as plt
-
-    summary = effect_summary(curve, seed)
-    contexts = list(dict.fromkeys(r["context"] for r in summary))
-    fig, axes = plt.subplots(
-        2, len(contexts), figsize=(3.2 * len(contexts), 5.6), sharex=True, squeeze=False
-    )
-    for j, context in enumerate(contexts):
-        rows = [r for r in summary if r["context"] == context]
-        steps = [r["step"] for r in rows]
-        top, bottom = axes[0, j], axes[1, j]
-        for arm, color in (("baseline", "0.35"), ("trust", "C0")):
-            per_step = [
-                [
-                    r["perplexity"]
-                    for r in curve
-                    if r["step"] == s and r["context"] == context and r["arm"] == arm
-                ]
-                for s in steps
-            ]
-            cis = [bootstrap_ci(v, seed=seed) for v in per_step]
-            top.plot(
-                steps,
-                [c["mean"] for c in cis],
-                color=color,
-                marker="o",
-                ms=3,
-                label="router alone" if arm == "baseline" else "trust",
-            )
-            top.fill_between(
-                steps,
-                [c["low"] for c in cis],
-                [c["high"] for c in cis],
-                color=color,
-                alpha=0.2,
-                lw=0,
-            )
-        top.set_title(context)
-        bottom.axhline(0, color="0.5", lw=0.8)
-        bottom.plot(steps, [100 * r["relative_change"] for r in rows], color="C3", marker="o", ms=3)
-        bottom.fill_between(
-            steps,
-            [100 * r["ci_low"] for r in rows],
-            [100 * r["ci_high"] for r in rows],
-            color="C3",
-            alpha=0.2,
-            lw=0,
-        )
-        bottom.set_xlabel("trust updates")
-    axes[0, 0].set_ylabel("held-out perplexity")
-    axes[1, 0].set_ylabel("trust vs router (% perplexity)")
-    axes[0, 0].legend(frameon=False, fontsize=8)
-    fig.tight_layout()
-    return fig
 
 
 def plot_generations(baseline: list[dict], trust: list[dict]):

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from sage_core.corpus import CONTEXTS
 from sage_core.notebook.progress import progress
+from sage_core.studies.experiments import moe_features
 from sage_core.trust import REPORT_PRIOR, TrustSelector, TrustTable
 from sage_core.trust.classifier import ContextClassifier
 
@@ -149,13 +150,6 @@ def random_inputs(vocab_size: int, count: int, seq_len: int, seed: int) -> torch
     return torch.randint(0, vocab_size, (count, seq_len), generator=generator)
 
 
-def _moe_features(model, ids: torch.Tensor) -> np.ndarray:
-    from sage_core.studies.experiments import moe_input_states
-    from sage_core.trust.classifier import features
-
-    return features(moe_input_states(model, ids))
-
-
 @torch.no_grad()
 def run_report_protocol(model, protocol: ReportProtocol, seed: int) -> dict[str, list]:
     """One rerun of the report's experiment: the three arms on the same random inputs.
@@ -172,8 +166,8 @@ def run_report_protocol(model, protocol: ReportProtocol, seed: int) -> dict[str,
     ).to(device)
     fit_ids, run_ids = ids[: protocol.classifier_samples], ids[protocol.classifier_samples :]
     classifier = ContextClassifier(len(CONTEXTS), list(CONTEXTS), "kmeans", seed)
-    classifier.fit(_moe_features(model, fit_ids))
-    contexts = [CONTEXTS[i] for i in classifier.predict(_moe_features(model, run_ids))]
+    classifier.fit(moe_features(model, fit_ids))
+    contexts = [CONTEXTS[i] for i in classifier.predict(moe_features(model, run_ids))]
 
     runs, effects, tables = [], [], {}
     try:
@@ -271,6 +265,35 @@ def summarise_effects(rows: list[dict], observed: float = REPORT_EFFECT) -> list
             }
         )
     return out
+
+
+REPORT_FINAL = 9.96  # the report's "final performance" of the trust arm
+REPORT_BASELINE = 13.24  # the report's router-only baseline
+
+
+def different_draws_gap(rows: list[dict], arm: str = "baseline") -> dict:
+    """The report's "9.96 < 13.24" as it ran it, with nothing differing between the arms:
+    seeds are paired (first with second, third with fourth, ...), each pair being two runs
+    of the same `arm` on different random draws; "final" is one run's mean of its last
+    `window` values, "baseline" the other run's mean over all its values. Returns the
+    share of pairs where final <= (1 - gap) * baseline, gap = 1 - 9.96 / 13.24 (the
+    report's, 24.8%), and the share where one of the two comes out at least that much
+    lower than the other, with the number of pairs."""
+    ordered = sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["seed"])
+    pairs = list(zip(ordered[0::2], ordered[1::2]))
+    if not pairs:
+        raise ValueError(f"need at least two seeds of arm {arm!r}")
+    ratio = REPORT_FINAL / REPORT_BASELINE
+    lower = [a["last_mean"] <= ratio * b["mean"] for a, b in pairs]
+    either = [
+        a["last_mean"] <= ratio * b["mean"] or b["mean"] <= ratio * a["last_mean"] for a, b in pairs
+    ]
+    return {
+        "pairs": len(pairs),
+        "gap": 1 - ratio,
+        "share_final_lower": float(np.mean(lower)),
+        "share_either_lower": float(np.mean(either)),
+    }
 
 
 def paired_differences(

@@ -16,22 +16,20 @@ State is one safetensors file (centres + JSON metadata with a schema version and
 checksum), written atomically. Nothing is pickled.
 """
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save as safetensors_save
 from sklearn.cluster import MiniBatchKMeans
 from threadpoolctl import threadpool_limits
 
-from sage_core.atomic import atomic_write_bytes
 from sage_core.dtypes import to_numpy_float32
 from sage_core.errors import ClassifierStateError
+from sage_core.trust.state import load_state, save_state
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the shared state format (kind checked, one sha256)
+KIND = "sage_core.ContextClassifier"
 MODES = ("kmeans", "supervised")
 
 
@@ -170,48 +168,27 @@ class ContextClassifier:
         return float(majority_total / predicted.shape[0])
 
     def save(self, path) -> Path:
-        """Write the classifier to one safetensors file, atomically."""
-        centers = self._fitted_centers()
+        """Write the classifier to one safetensors file, atomically (`sage_core.trust.state`)."""
         metadata = {
-            "schema_version": str(SCHEMA_VERSION),
-            "kind": "sage_core.ContextClassifier",
             "mode": self.mode,
             "seed": str(self.seed),
             "context_names": json.dumps(self.context_names),
-            "centers_sha256": hashlib.sha256(centers.tobytes()).hexdigest(),
         }
-        path = Path(path)
-        atomic_write_bytes(path, safetensors_save({"centers": centers}, metadata=metadata))
-        return path
+        tensors = {"centers": torch.from_numpy(self._fitted_centers())}
+        return save_state(path, KIND, SCHEMA_VERSION, tensors, metadata)
 
     @classmethod
     def load(cls, path) -> "ContextClassifier":
         """Read a file written by save(); any defect is a ClassifierStateError naming the file."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"classifier file not found: {path}")
-        try:
-            with safe_open(str(path), framework="np") as f:
-                metadata = f.metadata() or {}
-                keys = set(f.keys())
-                centers = f.get_tensor("centers") if "centers" in keys else None
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise ClassifierStateError(f"{path}: not a readable classifier file ({exc})") from exc
-        version = metadata.get("schema_version")
-        if version != str(SCHEMA_VERSION):
-            raise ClassifierStateError(
-                f"{path}: schema_version {version!r}, this code reads {SCHEMA_VERSION}"
-            )
-        if centers is None or keys != {"centers"}:
-            raise ClassifierStateError(
-                f"{path}: expected one tensor 'centers', found {sorted(keys)}"
-            )
+        tensors, metadata = load_state(
+            path, KIND, SCHEMA_VERSION, ("centers",), ClassifierStateError, "classifier"
+        )
+        centers = tensors["centers"].numpy()
         if centers.dtype != np.float32 or centers.ndim != 2:
             raise ClassifierStateError(
                 f"{path}: 'centers' must be 2-D float32, got {centers.dtype} {centers.shape}"
             )
-        if hashlib.sha256(centers.tobytes()).hexdigest() != metadata.get("centers_sha256"):
-            raise ClassifierStateError(f"{path}: 'centers' checksum mismatch (corrupt file)")
         try:
             names = json.loads(metadata["context_names"])
             classifier = cls(

@@ -18,24 +18,28 @@ neutral prior. Three pieces use it:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import scipy.stats
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as safetensors_save
 
-from sage_core.atomic import atomic_write_bytes
 from sage_core.errors import TrustStateError
+from sage_core.trust.state import load_state, save_state
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: counterfactual harm statistics (harm_mean, harm_m2, harm_count)
 KIND = "sage_core.TrustTable"
-RULES = ("bias", "report")
+RULES = ("exclude", "bias", "report")
 REPORT_PRIOR = 0.5  # the report's neutral trust (its reputation default), on a 0..1 scale
-_TENSORS = ("trust", "counts", "updates")
+# An expert is excluded when the one-sided lower bound of its mean harm, at level
+# 1 - alpha / E (Bonferroni over a layer's E experts) with Student's t on n - 1 degrees of
+# freedom, is above zero.
+DEFAULT_HARM_ALPHA = 0.05
+DEFAULT_MIN_ABLATIONS = 3
+_TENSORS = ("trust", "counts", "updates", "harm_mean", "harm_m2", "harm_count")
 
 
 class TrustTable:
@@ -44,6 +48,10 @@ class TrustTable:
     trust   (L, C, E) float32: the value, `prior` when nothing has been learned.
     counts  (L, C, E) float32: tokens routed to the expert in credited generations.
     updates (C,) float32: generations credited per context.
+    harm_mean, harm_m2, harm_count (L, C, E) float32: counterfactual evidence, a running
+            mean (Welford) of the paired per-token NLL change when the expert is removed
+            from the tokens it served (positive: removing it helps, the expert harms),
+            the sum of squared deviations, and the number of ablations recorded.
 
     `layers` are the model's original sparse-layer indices (a selective model keeps them);
     `contexts` are names. `config_hash` is `ThinkerTextConfig.config_hash()` of the model
@@ -72,6 +80,10 @@ class TrustTable:
         self.trust = torch.full(shape, self.prior, dtype=torch.float32)
         self.counts = torch.zeros(shape, dtype=torch.float32)
         self.updates = torch.zeros(len(contexts), dtype=torch.float32)
+        self.harm_mean = torch.zeros(shape, dtype=torch.float32)
+        self.harm_m2 = torch.zeros(shape, dtype=torch.float32)
+        self.harm_count = torch.zeros(shape, dtype=torch.float32)
+        self.version = 0  # bumped by record_harm: selectors cache their exclusions by it
         self._layer_pos = {layer: i for i, layer in enumerate(layers)}
         self._context_pos = {name: i for i, name in enumerate(contexts)}
 
@@ -104,14 +116,60 @@ class TrustTable:
         return self.trust[self.layer_pos(layer_idx), self.context_pos(context)] - self.prior
 
     def is_neutral(self) -> bool:
-        return bool(torch.all(self.trust == self.prior))
+        return bool(torch.all(self.trust == self.prior)) and not bool(self.harm_count.any())
 
     def clone(self) -> TrustTable:
         out = TrustTable(self.layers, self.contexts, self.num_experts, self.prior, self.config_hash)
-        out.trust.copy_(self.trust)
-        out.counts.copy_(self.counts)
-        out.updates.copy_(self.updates)
+        for name in _TENSORS:
+            getattr(out, name).copy_(getattr(self, name))
         return out
+
+    def record_harm(self, layer_idx: int, context: str, expert: int, harm: float) -> None:
+        """Add one paired ablation measurement (nats per scored token; positive: the
+        window's NLL fell when the expert was removed) to the running mean (Welford)."""
+        if not math.isfinite(harm):
+            raise ValueError(f"harm must be finite, got {harm!r}")
+        if not 0 <= expert < self.num_experts:
+            raise ValueError(f"expert {expert} out of range [0, {self.num_experts})")
+        cell = (self.layer_pos(layer_idx), self.context_pos(context), expert)
+        n = float(self.harm_count[cell]) + 1
+        mean = float(self.harm_mean[cell])
+        delta = harm - mean
+        mean += delta / n
+        self.harm_count[cell] = n
+        self.version += 1
+        self.harm_mean[cell] = mean
+        self.harm_m2[cell] = float(self.harm_m2[cell]) + delta * (harm - mean)
+
+    def harm_standard_error(self) -> torch.Tensor:
+        """(L, C, E) standard error of harm_mean; infinite with fewer than 2 ablations."""
+        n = self.harm_count
+        variance = self.harm_m2 / (n - 1).clamp_min(1)
+        se = (variance / n.clamp_min(1)).sqrt()
+        return torch.where(n >= 2, se, torch.full_like(se, math.inf))
+
+    def harm_lower_bound(self, alpha: float = DEFAULT_HARM_ALPHA) -> torch.Tensor:
+        """(L, C, E) one-sided lower confidence bound of the mean harm at level
+        1 - alpha / E: harm_mean - t(1 - alpha / E, n - 1) * SE; -inf below 2 ablations."""
+        if not 0 < alpha < 1:
+            raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+        dof = np.maximum(self.harm_count.numpy(), 2) - 1
+        quantile = scipy.stats.t.ppf(1 - alpha / self.num_experts, dof).astype(np.float32)
+        lower = self.harm_mean - torch.from_numpy(quantile) * self.harm_standard_error()
+        return torch.where(self.harm_count >= 2, lower, torch.full_like(lower, -math.inf))
+
+    def harmful(
+        self,
+        layer_idx: int,
+        context: str,
+        alpha: float = DEFAULT_HARM_ALPHA,
+        min_count: int = 2,
+    ) -> torch.Tensor:
+        """(E,) bool: experts whose harm has a lower confidence bound above zero, measured
+        at least `min_count` (>= 2) times in this (layer, context)."""
+        li, ci = self.layer_pos(layer_idx), self.context_pos(context)
+        lower = self.harm_lower_bound(alpha)[li, ci]
+        return (lower > 0) & (self.harm_count[li, ci] >= max(2, min_count))
 
     def credit(
         self,
@@ -161,21 +219,16 @@ class TrustTable:
     # --- persistence -----------------------------------------------------------------
 
     def save(self, path) -> Path:
-        """Write the table to one safetensors file, atomically (temp, fsync, rename)."""
-        tensors = {name: getattr(self, name).contiguous() for name in _TENSORS}
+        """Write the table to one safetensors file, atomically (`sage_core.trust.state`)."""
         metadata = {
-            "schema_version": str(SCHEMA_VERSION),
-            "kind": KIND,
             "config_hash": self.config_hash or "",
             "layers": json.dumps(self.layers),
             "contexts": json.dumps(self.contexts),
             "num_experts": str(self.num_experts),
             "prior": repr(self.prior),
-            "sha256": _tensors_sha256(tensors),
         }
-        path = Path(path)
-        atomic_write_bytes(path, safetensors_save(tensors, metadata=metadata))
-        return path
+        tensors = {name: getattr(self, name) for name in _TENSORS}
+        return save_state(path, KIND, SCHEMA_VERSION, tensors, metadata)
 
     @classmethod
     def load(cls, path, config_hash: str | None = None) -> TrustTable:
@@ -183,28 +236,9 @@ class TrustTable:
         learned on another model is refused. Any defect is a TrustStateError naming the file;
         nothing is ever silently reset to neutral."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"trust file not found: {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata() or {}
-                keys = set(f.keys())
-                tensors = {k: f.get_tensor(k) for k in keys}
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise TrustStateError(f"{path}: not a readable trust file ({exc})") from exc
-        if metadata.get("kind") != KIND:
-            raise TrustStateError(f"{path}: not a trust table (kind {metadata.get('kind')!r})")
-        version = metadata.get("schema_version")
-        if version != str(SCHEMA_VERSION):
-            raise TrustStateError(
-                f"{path}: schema_version {version!r}, this code reads {SCHEMA_VERSION}"
-            )
-        if keys != set(_TENSORS):
-            raise TrustStateError(
-                f"{path}: expected tensors {sorted(_TENSORS)}, found {sorted(keys)}"
-            )
-        if _tensors_sha256(tensors) != metadata.get("sha256"):
-            raise TrustStateError(f"{path}: tensor checksum mismatch (corrupt file)")
+        tensors, metadata = load_state(
+            path, KIND, SCHEMA_VERSION, _TENSORS, TrustStateError, "trust"
+        )
         saved_hash = metadata.get("config_hash") or None
         if config_hash is not None and saved_hash != config_hash:
             raise TrustStateError(
@@ -254,21 +288,28 @@ class Choice:
 class TrustSelector:
     """An `ExpertSelector` that adds trust to the router's choice.
 
-    Set `selector.context` (a name in the table) before each generation. With
-    `recording = True` every call appends a `Choice` to `selector.log`.
+    Set `selector.context` before each forward: one context name for every sequence of
+    the batch, or a list with one name per sequence (the rows of the (B*S, E) router
+    logits are B sequences of S positions). With `recording = True` every call appends a
+    `Choice` to `selector.log`.
 
-    rule "bias" (default): per token, top-k of p_router * exp(beta * (trust - prior)),
-        i.e. of log p_router + beta * trust-deviation (both in nats); weights are the
-        router's float32 probabilities of the chosen experts, renormalised over the chosen
-        set only when the model's `norm_topk_prob` is set (exactly what the router does, so
-        beta = 0 or neutral trust reproduces RouterTopK bit for bit), then cast to
-        hidden_states.dtype. A router probability that underflows to 0 stays unselectable.
+    rule "exclude" (default): per (layer, context), the experts `TrustTable.harmful` names
+        (lower confidence bound of counterfactual harm above zero, `harm_alpha`) are removed from every
+        token's candidates, even a token's top choice: its slot goes to the router's next
+        choice, so each token still uses k experts, as the model was trained to. Weights
+        are the router's float32 probabilities of the chosen experts, renormalised when
+        `norm_topk_prob` is set. With nothing excluded the selection is RouterTopK's bit
+        for bit; trust never adds a bonus. At most E - k experts are excluded per (layer,
+        context): those with the highest lower bounds.
+    rule "bias": per token, top-k of log p_router + beta * (trust - prior) (both in nats),
+        ranked as p_router * exp(beta * deviation) so neutral trust is exactly the router's
+        ranking; weights as for "exclude". A router probability that underflows to 0 stays
+        unselectable.
     rule "report": the report's rule as it was: combined = alpha * raw router logits +
         (1 - alpha) * trust (its table uses prior REPORT_PRIOR = 0.5 on a 0..1 scale);
-        one top-k chosen from the FIRST token of each forward call is used for every
-        token of that call; weights = the chosen combined scores divided by their sum
-        (they can be negative or huge when logits are negative; that is the report's rule).
-        With the KV cache each decode step is its own call.
+        one top-k chosen from the FIRST token of each sequence is used for every token of
+        that sequence; weights = the chosen combined scores divided by their sum (they can
+        be negative or huge when logits are negative; that is the report's rule).
     """
 
     def __init__(
@@ -276,9 +317,11 @@ class TrustSelector:
         table: TrustTable,
         top_k: int,
         norm_topk_prob: bool = True,
-        rule: str = "bias",
+        rule: str = "exclude",
         beta: float = 1.0,
         alpha: float = 0.3,
+        harm_alpha: float = DEFAULT_HARM_ALPHA,
+        min_ablations: int = DEFAULT_MIN_ABLATIONS,
     ):
         if rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
@@ -288,53 +331,104 @@ class TrustSelector:
             raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
         if not (isinstance(alpha, int | float) and 0 <= alpha <= 1):
             raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+        if not (isinstance(harm_alpha, int | float) and 0 < harm_alpha < 1):
+            raise ValueError(f"harm_alpha must be in (0, 1), got {harm_alpha!r}")
+        if not (isinstance(min_ablations, int) and min_ablations >= 2):
+            raise ValueError(f"min_ablations must be an int >= 2, got {min_ablations!r}")
         self.table = table
         self.top_k = top_k
         self.norm_topk_prob = bool(norm_topk_prob)
         self.rule = rule
         self.beta = float(beta)
         self.alpha = float(alpha)
-        self.context: str | None = None
+        self.harm_alpha = float(harm_alpha)
+        self.min_ablations = min_ablations
+        self.context: str | list[str] | None = None
         self.recording = False
         self.log: list[Choice] = []
+        self._cache: dict = {}
+        self._cache_key = None
 
     @classmethod
     def for_model(cls, model, table: TrustTable, **kwargs) -> TrustSelector:
         """A selector with the model's top-k and norm_topk_prob."""
         return cls(table, model.config.num_experts_per_tok, model.config.norm_topk_prob, **kwargs)
 
-    def __call__(self, router_logits, layer_idx, hidden_states):
+    def excluded(self, layer_idx: int, context: str) -> torch.Tensor:
+        """(E,) bool: the experts rule "exclude" removes in this (layer, context), cached
+        until the table records new evidence."""
+        key = (self.table.version, layer_idx, context)
+        if self._cache_key != key[0]:
+            self._cache, self._cache_key = {}, key[0]
+        if key not in self._cache:
+            self._cache[key] = self._excluded(layer_idx, context)
+        return self._cache[key]
+
+    def _excluded(self, layer_idx: int, context: str) -> torch.Tensor:
+        if not (
+            self.table.harm_count[self.table.layer_pos(layer_idx), self.table.context_pos(context)]
+            >= 2
+        ).any():
+            return torch.zeros(self.table.num_experts, dtype=torch.bool)
+        harmful = self.table.harmful(layer_idx, context, self.harm_alpha, self.min_ablations)
+        spare = self.table.num_experts - self.top_k
+        if int(harmful.sum()) > spare:  # keep k candidates: drop the least certain
+            lower = self.table.harm_lower_bound(self.harm_alpha)[
+                self.table.layer_pos(layer_idx), self.table.context_pos(context)
+            ]
+            keep = torch.topk(torch.where(harmful, lower, -math.inf), spare).indices
+            harmful = torch.zeros_like(harmful).index_fill_(0, keep, True)
+        return harmful
+
+    def _contexts(self, rows: int) -> list[str]:
+        """One context per sequence of the call; rows must split evenly among them."""
         if self.context is None:
             raise ValueError(
                 "TrustSelector.context is not set; set it to one of "
-                f"{self.table.contexts} before running the model"
+                f"{self.table.contexts} (or a list, one per sequence) before running the model"
             )
+        contexts = [self.context] if isinstance(self.context, str) else list(self.context)
+        if not contexts or rows % len(contexts):
+            raise ValueError(
+                f"{rows} router rows do not split into {len(contexts)} sequences "
+                f"(TrustSelector.context has one name per sequence)"
+            )
+        return contexts
+
+    def __call__(self, router_logits, layer_idx, hidden_states):
         if router_logits.shape[-1] != self.table.num_experts:
             raise ValueError(
                 f"router logits have {router_logits.shape[-1]} experts, the "
                 f"trust table {self.table.num_experts}"
             )
-        trust = self.table.deviation(layer_idx, self.context).to(router_logits.device)
+        T = router_logits.shape[0]
+        contexts = self._contexts(T)
+        per_sequence = T // len(contexts)
+        device = router_logits.device
         probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
-        if self.rule == "bias":
+        if self.rule == "exclude":
+            masks = torch.stack([self.excluded(layer_idx, c) for c in contexts])
+            mask = None if not masks.any() else masks.to(device).repeat_interleave(per_sequence, 0)
+            indices, weights = excluding_top_k(probs, mask, self.top_k, self.norm_topk_prob)
+        elif self.rule == "bias":
+            trust = torch.stack([self.table.deviation(layer_idx, c) for c in contexts])
+            trust = trust.to(device).repeat_interleave(per_sequence, 0)
             indices = torch.topk(probs * torch.exp(self.beta * trust), self.top_k, dim=-1).indices
             weights = probs.gather(-1, indices)
             if self.norm_topk_prob:
                 weights = weights / weights.sum(dim=-1, keepdim=True)
         else:
-            raw_trust = trust + self.table.prior
-            combined = (
-                self.alpha * router_logits[:1].to(torch.float32) + (1 - self.alpha) * raw_trust
-            )
-            scores, first = torch.topk(combined[0], self.top_k)
-            T = router_logits.shape[0]
-            indices = first.expand(T, self.top_k).contiguous()
-            weights = (scores / scores.sum()).expand(T, self.top_k).contiguous()
+            firsts = router_logits[::per_sequence].to(torch.float32)  # (B, E)
+            raw_trust = torch.stack([self.table.deviation(layer_idx, c) for c in contexts])
+            combined = self.alpha * firsts + (1 - self.alpha) * (raw_trust + self.table.prior)
+            scores, first = torch.topk(combined.to(device), self.top_k, dim=-1)
+            indices = first.repeat_interleave(per_sequence, 0)
+            weights = (scores / scores.sum(-1, keepdim=True)).repeat_interleave(per_sequence, 0)
         if self.recording:
             self.log.append(
                 Choice(
                     layer_idx,
-                    self.context,
+                    contexts[0] if len(contexts) == 1 else ",".join(contexts),
                     indices.detach().cpu(),
                     weights.detach().to("cpu", torch.float32),
                     torch.topk(probs, self.top_k, dim=-1).indices.cpu(),
@@ -350,6 +444,37 @@ class TrustSelector:
             changed[choice.layer_idx] = changed.get(choice.layer_idx, 0) + choice.slots_changed()
             total[choice.layer_idx] = total.get(choice.layer_idx, 0) + choice.indices.numel()
         return {layer: changed[layer] / total[layer] for layer in sorted(total)}
+
+
+class OracleSelector(TrustSelector):
+    """Rule "exclude" with the evidence replaced by the truth: `broken[context][layer]`
+    lists the experts to exclude (the notebook-07 oracle: exactly the corrupted ones)."""
+
+    def __init__(self, table: TrustTable, top_k: int, norm_topk_prob: bool, broken: dict):
+        super().__init__(table, top_k, norm_topk_prob, rule="exclude")
+        self.broken = {
+            context: {int(layer): [int(e) for e in experts] for layer, experts in by_layer.items()}
+            for context, by_layer in broken.items()
+        }
+
+    def excluded(self, layer_idx: int, context: str) -> torch.Tensor:
+        mask = torch.zeros(self.table.num_experts, dtype=torch.bool)
+        experts = self.broken.get(context, {}).get(layer_idx, [])
+        if len(experts) > self.table.num_experts - self.top_k:
+            raise ValueError(f"cannot exclude {len(experts)} of {self.table.num_experts} experts")
+        return mask.index_fill_(0, torch.tensor(experts, dtype=torch.int64), True)
+
+
+def excluding_top_k(probs: torch.Tensor, excluded, top_k: int, norm_topk_prob: bool):
+    """Top-k of router probabilities (T, E) float32 with `excluded` (T, E) bool experts
+    removed (None: nothing removed; then exactly RouterTopK's indices and weights).
+    Excluded entries rank below every probability (-1 < 0 <= p)."""
+    ranked = probs if excluded is None else probs.masked_fill(excluded, -1.0)
+    indices = torch.topk(ranked, top_k, dim=-1).indices
+    weights = probs.gather(-1, indices)
+    if norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return indices, weights
 
 
 def dense_routing(indices: torch.Tensor, weights: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -411,15 +536,3 @@ class TrustLearner:
             "baseline_nll": baseline,
             "mean_advantage": baseline - mean_nll,
         }
-
-
-# --- helpers ---------------------------------------------------------------------------
-
-
-def _tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}:".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
