@@ -18,9 +18,12 @@ def test_the_four_names_of_the_issue_keep_their_signatures():
     from sage_core import CheckpointError, generate, load_thinker, perplexity
 
     assert issubclass(CheckpointError, Exception)
-    assert str(inspect.signature(load_thinker)) == (
-        f"(path, layers=None, max_resident_experts=None, device='cpu', dtype={torch.float32})"
-    )
+    # The original parameters, in order, with their defaults; later additions only as
+    # keywords with defaults, so every existing call keeps working.
+    params = list(inspect.signature(load_thinker).parameters.values())
+    original = "(path, layers=None, max_resident_experts=None, device='cpu', dtype={})"
+    assert str(inspect.Signature(params[:5])) == original.format(torch.float32)
+    assert all(p.default is not inspect.Parameter.empty for p in params[5:])
     assert str(inspect.signature(generate)) == (
         "(model, input_ids, max_new_tokens, temperature=0.0, top_p=1.0, seed=None)"
     )
