@@ -340,3 +340,24 @@ def test_runner_output_passes_nbval_and_nbval_still_compares(make_notebook):
     nbformat.write(nb, path)
     proc = nbval(path)
     assert proc.returncode == 1 and "Cell outputs differ" in proc.stdout
+
+
+@pytest.mark.parametrize("notebook", runner.discover_notebooks(), ids=lambda p: p.stem)
+def test_committed_metadata_is_what_lab_and_the_kernel_write(notebook):
+    """JupyterLab rewrites kernelspec and language_info from the running kernel on open; if the
+    committed ones differ, the tab shows "modified" at once and a save changes the file. (The
+    Python version is the one the notebooks were last run with; the browser test checks the
+    whole file on this machine.)"""
+    from ipykernel.ipkernel import IPythonKernel
+
+    metadata = nbformat.read(notebook, as_version=4).metadata
+    assert metadata.kernelspec == {
+        "display_name": runner.KERNEL_DISPLAY_NAME,
+        "language": "python",
+        "name": runner.KERNEL_NAME,
+    }
+    reported = dict(IPythonKernel.language_info)
+    assert metadata.language_info.keys() == reported.keys()
+    assert {k: v for k, v in metadata.language_info.items() if k != "version"} == {
+        k: v for k, v in reported.items() if k != "version"
+    }
