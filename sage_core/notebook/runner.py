@@ -129,7 +129,7 @@ def ensure_kernelspec() -> None:
     if (
         spec is None
         or spec.argv[:1] != [sys.executable]
-        or spec.display_name != (KERNEL_DISPLAY_NAME)
+        or spec.display_name != KERNEL_DISPLAY_NAME
     ):
         install(kernel_name=KERNEL_NAME, display_name=KERNEL_DISPLAY_NAME, prefix=sys.prefix)
 
