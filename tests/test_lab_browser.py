@@ -172,17 +172,21 @@ def _open_notebook(page, lab, path: str) -> None:
 
 
 def _settled(path: Path) -> bytes:
-    """The file's bytes once a save has finished: Jupyter writes a notebook in place, so a read
-    during the write can see a truncated file."""
+    """The file's bytes once a save has finished: Jupyter writes a notebook in place, in more
+    than one write, so wait until it parses and has not changed for half a second."""
     deadline = time.monotonic() + 20
+    previous = None
     while True:
         data = path.read_bytes()
         try:
             json.loads(data)
-            return data
+            if data == previous:
+                return data
         except ValueError:
-            assert time.monotonic() < deadline, f"{path} is not valid JSON after saving"
-            time.sleep(0.1)
+            pass
+        assert time.monotonic() < deadline, f"{path} did not settle after saving"
+        previous = data
+        time.sleep(0.5)
 
 
 def _kernel_name(page) -> str:
