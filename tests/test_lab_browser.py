@@ -204,6 +204,10 @@ def test_lab_experience(lab, browser_page, tmp_path):
         old.unlink()
     status_before = _git_status()
     started = time.perf_counter()
+    phases = {}  # seconds per step, printed at the end (`pytest -s` shows them)
+
+    def mark(step):
+        phases[step] = round(time.perf_counter() - started - sum(phases.values()), 1)
 
     # Lab opens at the project root showing notebooks/; a committed figure renders.
     page.goto(f"{lab.url}/?token={lab.token}")
@@ -218,6 +222,7 @@ def test_lab_experience(lab, browser_page, tmp_path):
         " return i && i.complete && i.naturalWidth > 0; }"
     )
     page.screenshot(path=SCREENSHOTS / "02_committed_figure.png")
+    mark("file browser and figure")
 
     # Opened and saved unchanged: the project's kernel, no dialog, not marked modified,
     # inline figures decoded, and the file and git status are as they were.
@@ -250,6 +255,7 @@ def test_lab_experience(lab, browser_page, tmp_path):
             time.sleep(0.2)
         assert _settled(path) == before, f"opening and saving {name} in Lab changed it"
         assert page.locator(".jp-Dialog").count() == 0
+        mark(f"open and save {name}")
 
     # Run All on a copy of notebook 01 (its figures to a scratch folder): no error output.
     copy_dir = RESULTS / "browser-test" / "run-all"
@@ -286,9 +292,13 @@ def test_lab_experience(lab, browser_page, tmp_path):
     assert stderr.count() == 0, stderr.first.inner_text()
     assert panel.locator(".jp-RenderedImage img").count() > 0
     assert (copy_dir / "figures" / "01_rope_dtype_flow.png").is_file()
+    mark(f"run all {RUN_ALL}")
 
     assert console_errors == []
     assert _git_status() == status_before
     assert not list(FIGURES.glob("*.partial*"))
     elapsed = time.perf_counter() - started
-    print(f"\nbrowser test: {elapsed:.1f} s; screenshots in {SCREENSHOTS.relative_to(ROOT)}/")
+    print(
+        f"\nbrowser test: {elapsed:.1f} s after Lab started ({phases}); screenshots in "
+        f"{SCREENSHOTS.relative_to(ROOT)}/: {sorted(p.name for p in SCREENSHOTS.glob('*.png'))}"
+    )
