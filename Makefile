@@ -28,7 +28,7 @@ test: $(STAMP) lint
 	$(PY) -m pytest --nbval notebooks --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-kernel-name sage-dtype-trust -q -p no:cacheprovider
 
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab notebooks
+	$(PY) -m sage_core.notebook.lab
 
 bench: $(STAMP)
 	$(PY) -m benchmarks

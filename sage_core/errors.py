@@ -8,6 +8,13 @@ class CheckpointError(Exception):
     """
 
 
+class CorpusError(ValueError):
+    """The corpus snapshot or a built corpus cannot be used (missing, altered, other recipe).
+
+    Names the file at fault and the command that regenerates it.
+    """
+
+
 class TrustStateError(ValueError):
     """A saved trust file cannot be used (corrupt, truncated, other model). Names the file."""
 

@@ -1,14 +1,27 @@
-"""Corpus: deterministic, split by document, manifest complete."""
+"""Corpus: deterministic, split by document, manifest complete; the committed snapshot is
+intact, is what everything reads, and is replaced only when asked to."""
 
 import hashlib
 import json
+import lzma
 import platform
 import random
+import shutil
 
+import nbformat
 import pytest
 
-from sage_core.corpus import CONTEXTS, SPLITS, CorpusConfig, build_corpus, load_corpus
+from sage_core.corpus import (
+    CONTEXTS,
+    SPLITS,
+    CorpusConfig,
+    build_corpus,
+    load_corpus,
+    load_snapshot,
+)
 from sage_core.corpus import build as corpus
+from sage_core.errors import CorpusError
+from sage_core.paths import MODELS, NOTEBOOKS
 
 SMALL = CorpusConfig().scaled(0.02)  # ~24 KB train, ~4 KB held-out per context
 
@@ -34,7 +47,7 @@ def test_another_seed_gives_another_corpus(small_build, tmp_path):
     )
     for context in ("code", "reasoning"):
         name = corpus.part_name(context, "heldout")
-        assert (small_build / name).read_bytes() != (other / name).read_bytes()
+        assert corpus.read_part(small_build, name) != corpus.read_part(other, name)
 
 
 def test_manifest_fields_match_the_files(small_build):
@@ -51,7 +64,7 @@ def test_manifest_fields_match_the_files(small_build):
     for context in CONTEXTS:
         for split in SPLITS:
             part = manifest["parts"][f"{context}/{split}"]
-            data = (small_build / part["file"]).read_bytes()
+            data = corpus.read_part(small_build, part["file"])
             assert part["bytes"] == len(data)
             assert part["sha256"] == hashlib.sha256(data).hexdigest()
             docs = [json.loads(line) for line in data.decode().splitlines()]
@@ -104,12 +117,12 @@ def test_reasoning_solutions_are_correct():
 
 def test_cache_is_reused_and_rebuilt_when_corrupt(small_build, tmp_path):
     c = load_corpus(tmp_path, SMALL)
-    part = tmp_path / corpus.part_name("text", "train")
+    part = corpus.part_path(tmp_path, corpus.part_name("text", "train"))
     mtime = part.stat().st_mtime_ns
     assert load_corpus(tmp_path, SMALL).sha256 == c.sha256
     assert part.stat().st_mtime_ns == mtime  # not rebuilt
     part.write_text("tampered\n")
-    with pytest.warns(UserWarning, match="does not match its manifest"):
+    with pytest.warns(UserWarning, match="text.train.jsonl.xz.*rebuilding"):
         again = load_corpus(tmp_path, SMALL)
     assert again.documents("text", "train") == c.documents("text", "train")
 
@@ -131,3 +144,81 @@ def test_bad_arguments():
         c.documents("poetry", "train")
     with pytest.raises(ValueError, match="split"):
         c.documents("code", "test")
+
+
+# --- the committed snapshot ------------------------------------------------------------------
+
+
+def test_snapshot_loads_and_matches_its_manifest():
+    snapshot = load_snapshot()
+    assert snapshot.directory == corpus.SNAPSHOT_DIR
+    assert snapshot.manifest["config"] == {
+        "seed": 0,
+        "train_bytes": 1_200_000,
+        "heldout_bytes": 200_000,
+    }
+    assert snapshot.manifest["python_version"] == corpus.REFERENCE_PYTHON
+    files = sorted(p.name for p in corpus.SNAPSHOT_DIR.iterdir())
+    assert files == sorted(
+        ["manifest.json"] + [f"{corpus.part_name(c, s)}.xz" for c in CONTEXTS for s in SPLITS]
+    )
+    for key, part in snapshot.manifest["parts"].items():
+        context, split = key.split("/")
+        data = corpus.read_part(corpus.SNAPSHOT_DIR, part["file"])
+        assert hashlib.sha256(data).hexdigest() == part["sha256"], key
+        docs = snapshot.documents(context, split)
+        assert len(docs) == part["documents"] and docs, key
+        assert sum(len(d.encode()) for d in docs) == part["text_bytes"], key
+
+
+def test_snapshot_is_the_corpus_the_model_and_notebooks_were_made_from():
+    sha = load_snapshot().sha256
+    for name in ("training_config.json", "metrics.json"):
+        recorded = json.loads((MODELS / "q3omni-tiny" / name).read_text())
+        assert recorded["corpus_manifest_sha256"] == sha, name
+    nb = nbformat.read(NOTEBOOKS / "03_baseline_generation.ipynb", as_version=4)
+    printed = json.dumps([cell.get("outputs", []) for cell in nb.cells])
+    assert f"corpus manifest sha256: {sha[:16]}" in printed
+
+
+def test_load_corpus_reads_the_snapshot_without_the_stdlib(monkeypatch, tmp_path):
+    def no_build(*args, **kwargs):
+        raise AssertionError("load_corpus() must not build")
+
+    monkeypatch.setattr(corpus, "build_corpus", no_build)
+    monkeypatch.setattr(corpus, "stdlib_dir", lambda: tmp_path / "no-stdlib")
+    monkeypatch.setattr(platform, "python_version", lambda: "3.11.99")
+    c = load_corpus()
+    assert c.directory == corpus.SNAPSHOT_DIR
+    assert c.documents("text", "heldout") == load_snapshot().documents("text", "heldout")
+    with pytest.raises(CorpusError, match="recipe"):
+        load_corpus(config=SMALL)
+
+
+def test_altered_or_missing_snapshot_part_is_an_error_naming_it(tmp_path):
+    shutil.copytree(corpus.SNAPSHOT_DIR, tmp_path, dirs_exist_ok=True)
+    part = corpus.part_path(tmp_path, corpus.part_name("code", "heldout"))
+    docs = load_snapshot(tmp_path).documents("code", "heldout")
+    edited = "".join(json.dumps(d) + "\n" for d in [docs[0] + " "] + docs[1:]).encode()
+    part.write_bytes(lzma.compress(edited))
+    with pytest.raises(CorpusError, match="code.heldout.jsonl.xz.*sha256"):
+        load_snapshot(tmp_path)
+    part.unlink()
+    with pytest.raises(CorpusError, match="code.heldout.jsonl.xz is missing.*--write-snapshot"):
+        load_snapshot(tmp_path)
+
+
+def test_a_build_on_another_python_writes_a_snapshot_only_when_asked(monkeypatch, tmp_path, capsys):
+    snapshot = {p.name: p.read_bytes() for p in corpus.SNAPSHOT_DIR.iterdir()}
+    monkeypatch.setattr(platform, "python_version", lambda: "3.11.99")
+    monkeypatch.setattr(corpus, "CorpusConfig", lambda: SMALL)
+    with pytest.warns(UserWarning, match="Python 3.11.99"):
+        assert corpus.main(["--out", str(tmp_path)]) == 0
+    assert "differs from the committed snapshot" in capsys.readouterr().out
+    assert json.loads((tmp_path / "manifest.json").read_text())["python_version"] == "3.11.99"
+    assert {p.name: p.read_bytes() for p in corpus.SNAPSHOT_DIR.iterdir()} == snapshot
+    written = []
+    monkeypatch.setattr(corpus, "build_corpus", lambda out, *a: written.append(out))
+    monkeypatch.setattr(corpus, "manifest_sha256", lambda out: "x")
+    corpus.main(["--write-snapshot"])
+    assert written == [corpus.SNAPSHOT_DIR]

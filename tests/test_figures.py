@@ -7,9 +7,11 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
+import nbformat  # noqa: E402
 import pytest  # noqa: E402
 
 from sage_core.notebook.figures import save_figure, setup_notebook  # noqa: E402
+from sage_core.paths import NOTEBOOKS  # noqa: E402
 
 # What a date or a software stamp looks like in PNG text chunks, SVG metadata and PDF info.
 STAMPS = [
@@ -90,3 +92,27 @@ def test_setup_notebook_resets_rcparams_outside_ipython():
         )
         assert matplotlib.rcParams["figure.dpi"] == matplotlib.rcParamsDefault["figure.dpi"]
         assert matplotlib.get_backend().lower() == "agg"  # the backend is left alone
+
+
+# --- the notebooks' figures go where the run says ------------------------------------------
+
+SAVE_CALL = re.compile(r"save_figure\(([^()]*(?:\([^()]*\)[^()]*)*)\)")
+
+
+@pytest.mark.parametrize(
+    "notebook",
+    sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb")),
+    ids=lambda p: p.stem,
+)
+def test_notebooks_declare_figures_dir_and_save_every_figure_there(notebook):
+    """`run --out DIR` sets figures_dir to DIR/figures: a save_figure call that ignores it
+    would overwrite the committed figures on such a rerun."""
+    nb = nbformat.read(notebook, as_version=4)
+    [parameters] = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert re.search(r"^figures_dir = None\b", parameters.source, re.MULTILINE)
+    calls = [
+        m.group(1) for c in nb.cells if c.cell_type == "code" for m in SAVE_CALL.finditer(c.source)
+    ]
+    assert calls, "a notebook without figures need not declare figures_dir; this one has some"
+    for args in calls:
+        assert "directory=figures_dir" in args, f"save_figure({args}) ignores figures_dir"

@@ -1,5 +1,6 @@
 """Held-out scoring and routing statistics (sage_core.corpus.heldout) on small, fast models."""
 
+import lzma
 import math
 
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from sage_core.corpus import Corpus
+from sage_core.corpus import build as corpus_build
 from sage_core.corpus.heldout import (
     ContextPass,
     document_stream,
@@ -116,7 +118,8 @@ def test_routing_statistics_tell_context_dependent_from_not():
 
 
 def test_heldout_documents_truncate_on_a_character_boundary(tmp_path):
-    (tmp_path / "text.heldout.jsonl").write_text('"aé"\n"bbbb"\n', encoding="utf-8")
+    part = corpus_build.part_path(tmp_path, corpus_build.part_name("text", "heldout"))
+    part.write_bytes(lzma.compress('"aé"\n"bbbb"\n'.encode()))
     c = Corpus(tmp_path, {})
     assert heldout_documents(c, "text") == ["aé", "bbbb"]
     assert heldout_documents(c, "text", 2) == ["a"]  # é is two bytes: cut before it

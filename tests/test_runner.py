@@ -102,8 +102,11 @@ def test_normalise_removes_volatile_metadata_and_pins_added_cell_ids():
         cell.metadata["execution"] = {"iopub.status.busy": "2025-01-01T00:00:00"}
     nb = runner.normalise(nb)
     text = nbformat.writes(nb)
-    for volatile in ('papermill"', "widgets", "2025-", "/abs/", "3.11.7", "iopub"):
+    for volatile in ('papermill"', "widgets", "2025-", "/abs/", "iopub"):
         assert volatile not in text
+    # What the kernel reports, and JupyterLab writes on save, is kept as it is.
+    assert nb.metadata.language_info == {"name": "python", "version": "3.11.7"}
+    assert nb.metadata.kernelspec.display_name == runner.KERNEL_DISPLAY_NAME
     assert [c.id for c in nb.cells] == [
         "papermill-error-marker-0",
         "injected-parameters",
@@ -195,6 +198,7 @@ def test_failing_cell_exits_nonzero_names_cell_and_keeps_partial(make_notebook, 
         timeout=120,
     )
     assert proc.returncode == 1
+    assert "without encryption" not in proc.stderr  # the kernel runs with CurveZMQ keys
     assert "01_bad: failed at code cell 2 (In [3]): ZeroDivisionError: division by zero" in (
         proc.stderr
     )
@@ -214,6 +218,57 @@ def test_failing_cell_exits_nonzero_names_cell_and_keeps_partial(make_notebook, 
     assert record["not_run"] == ["02_later"]
     assert not (out / "02_later.ipynb").exists() and later.read_bytes() == later_before
     assert not list(out.glob(".*"))  # no temporary files left behind
+
+
+FIGURE_CELL = (
+    "import matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot as plt\n"
+    "from sage_core.notebook.figures import save_figure\n"
+    "fig, ax = plt.subplots()\nax.plot([1, n])\n"
+    "paths = save_figure(fig, '99_runner_test', directory=figures_dir)"
+)
+
+
+def test_out_sends_figures_to_out_figures_and_lists_them(make_notebook, tmp_path):
+    from sage_core.paths import FIGURES
+
+    with_figures = make_notebook("01_fig", [PARAMS + "\nfigures_dir = None", FIGURE_CELL])
+    without = make_notebook("02_plain", [PARAMS, "n + 1"])
+    out = tmp_path / "out"
+    assert (
+        cli.main(["run", str(with_figures), str(without), "-p", "n", "4", "--out", str(out)]) == 0
+    )
+    assert not list(FIGURES.glob("99_runner_test.*"))  # the project's figures/ untouched
+    expected = [f"figures/99_runner_test.{fmt}" for fmt in ("pdf", "png", "svg")]
+    assert all((out / name).is_file() for name in expected)
+    record = json.loads((out / "run.json").read_text())
+    assert record["parameters"] == {"n": 4}
+    first, second = record["notebooks"]
+    assert first["figures"] == expected and second["figures"] == []
+    assert first["parameters"] == {"n": 4, "figures_dir": str(out / "figures")}
+    assert second["parameters"] == {"n": 4}  # it does not declare figures_dir
+
+    # An explicit figures_dir wins over --out's; a rerun that rewrites the same bytes is
+    # still listed, since the notebook wrote them.
+    elsewhere = tmp_path / "elsewhere"
+    argv = ["run", str(with_figures), "-p", "figures_dir", str(elsewhere), "--out", str(out)]
+    assert cli.main(argv) == 0
+    assert sorted(p.name for p in elsewhere.iterdir()) == [e.split("/")[1] for e in expected]
+    assert json.loads((out / "run.json").read_text())["notebooks"][0]["figures"] == []
+
+
+def test_progress_bars_are_one_stdout_line_in_the_notebook(make_notebook):
+    path = make_notebook(
+        "01_progress",
+        [
+            PARAMS,
+            "from sage_core.notebook.progress import progress\n"
+            "for _ in progress(range(50), desc='work'):\n    pass",
+        ],
+    )
+    assert runner.run([path], progress=False)[0].status == "ok"
+    [output] = nbformat.read(path, 4).cells[-1].outputs
+    assert (output.output_type, output.name) == ("stream", "stdout")
+    assert output.text == "work: 100%|########################| 50/50\n"
 
 
 def test_failing_cell_in_place_keeps_the_partial_notebook(make_notebook):
@@ -285,3 +340,24 @@ def test_runner_output_passes_nbval_and_nbval_still_compares(make_notebook):
     nbformat.write(nb, path)
     proc = nbval(path)
     assert proc.returncode == 1 and "Cell outputs differ" in proc.stdout
+
+
+@pytest.mark.parametrize("notebook", runner.discover_notebooks(), ids=lambda p: p.stem)
+def test_committed_metadata_is_what_lab_and_the_kernel_write(notebook):
+    """JupyterLab rewrites kernelspec and language_info from the running kernel on open; if the
+    committed ones differ, the tab shows "modified" at once and a save changes the file. (The
+    Python version is the one the notebooks were last run with; the browser test checks the
+    whole file on this machine.)"""
+    from ipykernel.ipkernel import IPythonKernel
+
+    metadata = nbformat.read(notebook, as_version=4).metadata
+    assert metadata.kernelspec == {
+        "display_name": runner.KERNEL_DISPLAY_NAME,
+        "language": "python",
+        "name": runner.KERNEL_NAME,
+    }
+    reported = dict(IPythonKernel.language_info)
+    assert metadata.language_info.keys() == reported.keys()
+    assert {k: v for k, v in metadata.language_info.items() if k != "version"} == {
+        k: v for k, v in reported.items() if k != "version"
+    }

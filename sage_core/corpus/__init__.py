@@ -7,6 +7,15 @@ from sage_core.corpus.build import (
     CorpusConfig,
     build_corpus,
     load_corpus,
+    load_snapshot,
 )
 
-__all__ = ["CONTEXTS", "SPLITS", "Corpus", "CorpusConfig", "build_corpus", "load_corpus"]
+__all__ = [
+    "CONTEXTS",
+    "SPLITS",
+    "Corpus",
+    "CorpusConfig",
+    "build_corpus",
+    "load_corpus",
+    "load_snapshot",
+]

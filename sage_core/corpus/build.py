@@ -13,10 +13,15 @@ Every machine with the pinned Python has the material, so nothing is downloaded:
 
 A document is a source file, a module's docstring group, a pydoc topic or one problem. The
 train / held-out split is by document, never by line. Each part is one JSON-lines file (one
-JSON string per document) under ``data/corpus/``, and ``manifest.json`` records each part's
-size, sha256 and document count, the build configuration and the Python version. The
-stdlib differs between Python releases, so a build on a Python other than
-``REFERENCE_PYTHON`` (the one the committed model was trained with) warns and records it.
+JSON string per document), stored xz-compressed as ``<part>.jsonl.xz``; ``manifest.json``
+records each part's decompressed size, sha256 and document count, the build configuration and
+the Python version.
+
+The stdlib differs between Python releases, so the corpus is not rebuilt at run time: the
+built corpus is committed as a snapshot (``SNAPSHOT_DIR``, built with ``REFERENCE_PYTHON``),
+and ``load_corpus()`` reads it and verifies every part against the manifest, on any Python.
+``python -m sage_core.corpus`` regenerates it into ``data/corpus/`` and says whether it
+matches the snapshot; only ``--write-snapshot`` replaces the snapshot.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import ast
 import hashlib
 import inspect
 import json
+import lzma
 import platform
 import random
 import re
@@ -34,14 +40,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sage_core.atomic import atomic_write_bytes
-from sage_core.paths import DATA
+from sage_core.errors import CorpusError
+from sage_core.paths import DATA, ROOT
 
 CONTEXTS = ("code", "reasoning", "text")
 SPLITS = ("train", "heldout")
 CORPUS_VERSION = 1
-REFERENCE_PYTHON = "3.11.7"
-DEFAULT_DIR = DATA / "corpus"
+REFERENCE_PYTHON = "3.11.7"  # the Python that built the committed snapshot
+SNAPSHOT_DIR = Path(__file__).resolve().parent / "snapshot"  # committed; what everything reads
+DEFAULT_DIR = DATA / "corpus"  # where a regenerating build goes unless told otherwise
 MANIFEST = "manifest.json"
+COMPRESSED_SUFFIX = ".xz"
+REGENERATE = "python -m sage_core.corpus --write-snapshot"
 
 # Machine-specific or not-really-source modules: excluding them keeps the corpus identical
 # on every machine with the same Python release.
@@ -462,20 +472,41 @@ def _part_bytes(docs: list[str]) -> bytes:
 
 
 def part_name(context: str, split: str) -> str:
+    """The part's name in the manifest: what it holds once decompressed."""
     return f"{context}.{split}.jsonl"
 
 
+def part_path(directory: Path | str, file: str) -> Path:
+    """Where a part named `file` in the manifest is stored: compressed, beside the manifest."""
+    return Path(directory) / f"{file}{COMPRESSED_SUFFIX}"
+
+
+def read_part(directory: Path | str, file: str) -> bytes:
+    """The decompressed bytes of the part named `file` (what the manifest's sha256 covers)."""
+    path = part_path(directory, file)
+    try:
+        return lzma.decompress(path.read_bytes())
+    except FileNotFoundError:
+        raise CorpusError(f"corpus part {path} is missing; regenerate with: {REGENERATE}") from None
+    except lzma.LZMAError as exc:
+        raise CorpusError(f"corpus part {path} is not valid xz data ({exc})") from None
+
+
 def build_corpus(directory: Path | str | None = None, config: CorpusConfig | None = None) -> Path:
-    """Build every part and the manifest under `directory` (default data/corpus/)."""
+    """Build every part and the manifest under `directory` (default data/corpus/).
+
+    Writes the committed snapshot only when `directory` is SNAPSHOT_DIR, i.e. when asked to
+    (`python -m sage_core.corpus --write-snapshot`).
+    """
     config = config or CorpusConfig()
     out = Path(directory) if directory is not None else DEFAULT_DIR
     out.mkdir(parents=True, exist_ok=True)
     python = platform.python_version()
     if python != REFERENCE_PYTHON:
         warnings.warn(
-            f"building the corpus with Python {python}, but the committed model was trained "
-            f"on a corpus from Python {REFERENCE_PYTHON}: the stdlib differs between releases, "
-            f"so the corpus and every held-out metric will differ from the committed ones",
+            f"building the corpus with Python {python}, but the committed snapshot was built "
+            f"with Python {REFERENCE_PYTHON}: the stdlib differs between releases, so this "
+            f"corpus and every held-out metric computed on it will differ from the committed ones",
             stacklevel=2,
         )
     parts = {}
@@ -483,9 +514,11 @@ def build_corpus(directory: Path | str | None = None, config: CorpusConfig | Non
         split = split_documents(context, config)
         for name in SPLITS:
             data = _part_bytes(split[name])
-            atomic_write_bytes(out / part_name(context, name), data)
+            file = part_name(context, name)
+            # Fixed preset, no timestamps in the xz container: the same data gives the same file.
+            atomic_write_bytes(part_path(out, file), lzma.compress(data, preset=9))
             parts[f"{context}/{name}"] = {
-                "file": part_name(context, name),
+                "file": file,
                 "bytes": len(data),
                 "text_bytes": sum(len(d.encode("utf-8")) for d in split[name]),
                 "documents": len(split[name]),
@@ -509,13 +542,13 @@ def _canonical_json(obj) -> bytes:
 
 def manifest_sha256(directory: Path | str | None = None) -> str:
     """sha256 of the manifest file: one hash that names the whole corpus."""
-    path = Path(directory if directory is not None else DEFAULT_DIR) / MANIFEST
+    path = Path(directory if directory is not None else SNAPSHOT_DIR) / MANIFEST
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @dataclass
 class Corpus:
-    """A built corpus on disk. Documents are read lazily, per part."""
+    """A built corpus on disk (the snapshot or a build). Documents are read lazily, per part."""
 
     directory: Path
     manifest: dict
@@ -529,41 +562,133 @@ class Corpus:
             raise ValueError(f"unknown context {context!r}; expected one of {CONTEXTS}")
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-        path = self.directory / part_name(context, split)
-        with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f]
+        data = read_part(self.directory, part_name(context, split))
+        return [json.loads(line) for line in data.decode("utf-8").splitlines()]
 
 
-def _verify(directory: Path, config: CorpusConfig) -> dict | None:
-    """The manifest if the cache holds exactly `config`, built by this Python, intact."""
+def verify_corpus(directory: Path | str) -> dict:
+    """The manifest of the corpus in `directory` once every part matches its size and sha256.
+
+    Raises CorpusError naming the file at fault.
+    """
+    directory = Path(directory)
+    path = directory / MANIFEST
     try:
-        manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CorpusError(
+            f"corpus manifest {path} is missing; regenerate with: {REGENERATE}"
+        ) from None
+    except ValueError as exc:
+        raise CorpusError(f"corpus manifest {path} is not valid JSON ({exc})") from None
+    if manifest.get("corpus_version") != CORPUS_VERSION:
+        raise CorpusError(
+            f"corpus manifest {path}: corpus_version {manifest.get('corpus_version')!r}, "
+            f"this library reads version {CORPUS_VERSION}"
+        )
+    expected = {f"{c}/{s}" for c in CONTEXTS for s in SPLITS}
+    if set(manifest.get("parts", {})) != expected:
+        raise CorpusError(
+            f"corpus manifest {path}: parts {sorted(manifest.get('parts', {}))}, "
+            f"expected {sorted(expected)}"
+        )
+    for key, part in manifest["parts"].items():
+        data = read_part(directory, part["file"])
+        if len(data) != part["bytes"] or hashlib.sha256(data).hexdigest() != part["sha256"]:
+            raise CorpusError(
+                f"corpus part {part_path(directory, part['file'])} ({key}) does not match its "
+                f"size or sha256 in {path}"
+            )
+    return manifest
+
+
+def load_snapshot(directory: Path | str = SNAPSHOT_DIR) -> Corpus:
+    """The committed corpus snapshot, verified against its manifest. Never builds anything."""
+    return Corpus(Path(directory), verify_corpus(directory))
+
+
+def _cached(directory: Path, config: CorpusConfig) -> dict | None:
+    """The manifest if the cache holds exactly `config`, built by this Python, intact."""
+    if not (directory / MANIFEST).is_file():
         return None
-    if (
-        manifest.get("corpus_version") != CORPUS_VERSION
-        or manifest.get("config") != asdict(config)
-        or manifest.get("python_version") != platform.python_version()
+    try:
+        manifest = verify_corpus(directory)
+    except CorpusError as exc:
+        warnings.warn(f"{exc}; rebuilding", stacklevel=3)
+        return None
+    if manifest["config"] != asdict(config) or manifest["python_version"] != (
+        platform.python_version()
     ):
         return None
-    for key, part in manifest.get("parts", {}).items():
-        path = directory / part["file"]
-        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != part["sha256"]:
-            warnings.warn(
-                f"corpus cache {path} does not match its manifest ({key}); rebuilding", stacklevel=3
-            )
-            return None
     return manifest
 
 
 def load_corpus(directory: Path | str | None = None, config: CorpusConfig | None = None) -> Corpus:
-    """The cached corpus for `config` (default recipe), building it first if absent or stale."""
+    """The corpus the notebooks and the default model use.
+
+    Without `directory`: the committed snapshot (the default recipe; any other `config` is an
+    error), whatever the running Python. With `directory`: a build cache for `config`, built
+    there first if absent, stale or altered (tests use small builds this way).
+    """
     config = config or CorpusConfig()
-    out = Path(directory) if directory is not None else DEFAULT_DIR
-    manifest = _verify(out, config)
+    if directory is None:
+        snapshot = load_snapshot()
+        if snapshot.manifest["config"] != asdict(config):
+            raise CorpusError(
+                f"the snapshot in {SNAPSHOT_DIR} holds the recipe {snapshot.manifest['config']}, "
+                f"not {asdict(config)}; pass a directory to build that recipe there"
+            )
+        return snapshot
+    out = Path(directory)
+    manifest = _cached(out, config)
     if manifest is None:
         build_corpus(out, config)
-        manifest = _verify(out, config)
-        if manifest is None:
-            raise RuntimeError(f"corpus at {out} failed verification right after building it")
+        manifest = verify_corpus(out)
     return Corpus(out, manifest)
+
+
+def differing_parts(a: Path | str, b: Path | str) -> list[str]:
+    """Manifest keys whose sha256 differs between two built corpora (all of them if either
+    manifest is missing), in manifest order."""
+    try:
+        parts_a = json.loads((Path(a) / MANIFEST).read_text(encoding="utf-8"))["parts"]
+        parts_b = json.loads((Path(b) / MANIFEST).read_text(encoding="utf-8"))["parts"]
+    except (OSError, ValueError, KeyError):
+        return [f"{c}/{s}" for c in CONTEXTS for s in SPLITS]
+    keys = sorted(set(parts_a) | set(parts_b))
+    return [k for k in keys if parts_a.get(k, {}).get("sha256") != parts_b.get(k, {}).get("sha256")]
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m sage_core.corpus",
+        description="Regenerate the corpus from this Python's standard library. By default it is "
+        f"built into {DEFAULT_DIR.relative_to(ROOT)}/ and compared with the committed snapshot "
+        f"({SNAPSHOT_DIR.relative_to(ROOT)}/); only --write-snapshot replaces the snapshot.",
+    )
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--out", type=Path, default=DEFAULT_DIR, help="build here")
+    target.add_argument(
+        "--write-snapshot", action="store_true", help="replace the committed snapshot"
+    )
+    args = parser.parse_args(argv)
+    out = SNAPSHOT_DIR if args.write_snapshot else args.out
+    build_corpus(out)
+    if out == SNAPSHOT_DIR:
+        print(f"wrote the snapshot {SNAPSHOT_DIR}; manifest sha256 {manifest_sha256(out)}")
+        return 0
+    differ = differing_parts(out, SNAPSHOT_DIR)
+    if differ:
+        print(
+            f"built {out}: differs from the committed snapshot in {', '.join(differ)} "
+            f"(snapshot unchanged; --write-snapshot replaces it)"
+        )
+    else:
+        print(f"built {out}: identical to the committed snapshot")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

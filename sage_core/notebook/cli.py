@@ -95,7 +95,11 @@ def main(argv=None) -> int:
     except runner.RunError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for result in results:  # the summary, after the progress bar
+        print(f"{result.name:<36} {result.status:<6} {result.duration_s:7.1f} s")
     failed = [r for r in results if r.status != "ok"]
+    where = args.out or "in place"
+    print(f"{len(results) - len(failed)} of {len(results)} notebooks ran ({where})")
     for result in failed:
         where = (
             f"code cell {result.code_cell} (In [{result.execution_count}])"

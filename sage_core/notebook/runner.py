@@ -3,7 +3,11 @@
 `run()` executes notebooks in order with the running interpreter as kernel, injects only the
 parameters each notebook declares, stops at the first failing cell, and writes every notebook
 with its volatile metadata (timestamps, durations, absolute paths, widget state) removed, so that
-two runs of the same code give the same bytes. `python -m sage_core run` is the command line.
+two runs of the same code give the same bytes. What the kernel itself writes into a notebook's
+metadata (kernelspec, language_info with the Python version) is kept exactly as JupyterLab
+writes it, so opening and saving a notebook in Lab changes no byte. With `out`, the notebooks
+that declare `figures_dir` write their figures to `out/figures`, never over the committed ones.
+`python -m sage_core run` is the command line.
 """
 
 from __future__ import annotations
@@ -26,6 +30,10 @@ from sage_core.errors import RunError
 from sage_core.paths import NOTEBOOKS, ROOT
 
 KERNEL_NAME = "sage-dtype-trust"
+# What Lab writes as the notebook's kernelspec display_name: the installed kernelspec's.
+KERNEL_DISPLAY_NAME = "sage-dtype-trust (.venv)"
+# The parameter a notebook declares to say where its figures go (None: the project's figures/).
+FIGURES_PARAMETER = "figures_dir"
 # Distributions whose versions a run records; those marked optional are recorded only if present.
 RECORDED_DISTRIBUTIONS = {
     "sage-dtype-trust": False,  # sage_core itself
@@ -53,6 +61,7 @@ class NotebookRun:
     error: str | None = None  # "ExceptionType: message"
     code_cell: int | None = None  # 0-based index of the failing cell among code cells
     execution_count: int | None = None  # the failing cell's In [n]
+    figures: list[str] = field(default_factory=list)  # files written under `--out`'s figures/
 
 
 # --- selecting notebooks and parameters -------------------------------------------------------
@@ -112,18 +121,24 @@ def ensure_kernelspec() -> None:
     from ipykernel.kernelspec import install
     from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
+    spec = None
     try:
-        argv = KernelSpecManager().get_kernel_spec(KERNEL_NAME).argv
+        spec = KernelSpecManager().get_kernel_spec(KERNEL_NAME)
     except NoSuchKernel:
-        argv = []
-    if argv[:1] != [sys.executable]:
-        install(kernel_name=KERNEL_NAME, display_name=KERNEL_NAME, prefix=sys.prefix)
+        pass
+    if (
+        spec is None
+        or spec.argv[:1] != [sys.executable]
+        or spec.display_name != KERNEL_DISPLAY_NAME
+    ):
+        install(kernel_name=KERNEL_NAME, display_name=KERNEL_DISPLAY_NAME, prefix=sys.prefix)
 
 
 def _kernel_manager_class():
     """A kernel manager that resolves `sage-dtype-trust` to this interpreter whatever kernelspecs
     are installed (a user-level one would shadow the environment's), so NoSuchKernel and a
     kernel from another environment cannot happen."""
+    import zmq
     from ipykernel.kernelspec import make_ipkernel_cmd
     from jupyter_client import AsyncKernelManager
     from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
@@ -135,16 +150,25 @@ def _kernel_manager_class():
                 return super().get_kernel_spec(kernel_name)
             return KernelSpec(
                 argv=make_ipkernel_cmd(),
-                display_name=KERNEL_NAME,
+                display_name=KERNEL_DISPLAY_NAME,
                 language="python",
                 # An MPLBACKEND inherited from the shell (e.g. Agg) would drop every inline figure.
                 env={"MPLBACKEND": "module://matplotlib_inline.backend_inline"},
+                # As ipykernel's own kernelspec declares: the kernel manager then provisions
+                # CurveZMQ keys, and the kernel does not warn about plain-text TCP on every run.
+                metadata={"debugger": True, "supported_encryption": ["curve"]},
             )
 
     class ThisInterpreterKernelManager(AsyncKernelManager):
         @default("kernel_spec_manager")
         def _kernel_spec_manager_default(self):
             return ThisInterpreterSpecs(data_dir=self.data_dir)
+
+        @default("transport_encryption")
+        def _transport_encryption_default(self):
+            # Provision CurveZMQ keys where pyzmq can; without them ipykernel warns, on every
+            # notebook, that the kernel runs over TCP in plain text.
+            return "auto" if zmq.has("curve") else "disabled"
 
     return ThisInterpreterKernelManager
 
@@ -170,14 +194,14 @@ def _prepare(source: Path) -> nbformat.NotebookNode:
 
 def normalise(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     """Remove what differs between two runs of the same code: papermill's timestamps, durations
-    and input/output paths, nbclient's timing, widget state, the interpreter's patch version;
-    pin the ids of the cells papermill adds and the kernelspec."""
+    and input/output paths, nbclient's timing, widget state; pin the ids of the cells papermill
+    adds. The kernelspec is set to what JupyterLab writes for the project's kernel, and the
+    kernel's language_info (Python version included) is kept as the kernel reported it, which
+    is what Lab writes too: a notebook opened and saved in Lab stays byte-identical."""
     nb.metadata.pop("papermill", None)
     nb.metadata.pop("widgets", None)
-    nb.metadata.get("language_info", {}).pop("version", None)
-    display_name = nb.metadata.get("kernelspec", {}).get("display_name", KERNEL_NAME)
     nb.metadata["kernelspec"] = {
-        "display_name": display_name,
+        "display_name": KERNEL_DISPLAY_NAME,
         "language": "python",
         "name": KERNEL_NAME,
     }
@@ -274,6 +298,21 @@ def execute_notebook(source: Path, destination: Path, parameters: dict) -> Noteb
     return run
 
 
+def _file_states(directory: Path) -> dict[str, tuple[int, int]]:
+    """(mtime_ns, size) of every file under `directory`, by path relative to it."""
+    if not directory.is_dir():
+        return {}
+    return {
+        p.relative_to(directory).as_posix(): (p.stat().st_mtime_ns, p.stat().st_size)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _written(before: dict, after: dict) -> list[str]:
+    return sorted(name for name, state in after.items() if before.get(name) != state)
+
+
 def _versions() -> dict:
     versions = {"python": platform.python_version()}
     for dist, optional in RECORDED_DISTRIBUTIONS.items():
@@ -311,8 +350,10 @@ def run(
     """Execute `notebooks` (default: every `NN_*.ipynb` in `directory`) in order.
 
     Without `out` the notebooks are updated in place; with it, executed copies and `run.json`
-    go to `out`. Stops after the first failing notebook. Raises RunError before executing
-    anything if a notebook or parameter name is unknown.
+    go to `out`, and every notebook that declares `figures_dir` gets `out/figures` for it
+    (unless `parameters` sets it), so a rerun never overwrites the committed figures; run.json
+    lists the figure files each notebook wrote there. Stops after the first failing notebook.
+    Raises RunError before executing anything if a notebook or parameter name is unknown.
     """
     from tqdm import tqdm
 
@@ -330,8 +371,12 @@ def run(
     per_notebook = parameters_per_notebook(paths, parameters)
 
     out_dir = Path(out).resolve() if out is not None else None
+    figures_dir = out_dir / "figures" if out_dir is not None else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
+        for path, given in per_notebook.items():
+            if FIGURES_PARAMETER in declared_parameters(path) and FIGURES_PARAMETER not in given:
+                given[FIGURES_PARAMETER] = str(figures_dir)
     ensure_kernelspec()
     # Build matplotlib's font cache here, if it is missing, so that its one-time "building the
     # font cache" warning lands on our stderr rather than in a notebook's committed outputs.
@@ -350,7 +395,13 @@ def run(
         for path in bar:
             bar.set_postfix_str(path.stem)
             destination = out_dir / path.name if out_dir is not None else path
+            figures_before = _file_states(figures_dir) if figures_dir is not None else {}
             result = execute_notebook(path, destination, per_notebook[path])
+            if figures_dir is not None:
+                result.figures = [
+                    f"figures/{name}"
+                    for name in _written(figures_before, _file_states(figures_dir))
+                ]
             results.append(result)
             if result.status == "ok":
                 for index in _absolute_paths_in_outputs(nbformat.read(destination, 4)):
