@@ -36,10 +36,10 @@ from sage_core.atomic import atomic_write_json
 from sage_core.errors import RunError
 from sage_core.notebook import headline, runner
 from sage_core.notebook.progress import progress
+from sage_core.notebook.runner import FIGURES_PARAMETER
 from sage_core.paths import NOTEBOOKS
 
 RUN_RECORD = "run.json"
-FIGURES_PARAMETER = "figures_dir"
 # Dask's resource name for GPUs; workers of a user's cluster advertise it with
 # `dask worker ... --resources GPU=1`.
 GPU_RESOURCE = "GPU"
