@@ -119,8 +119,8 @@ class ContextClassifier:
                     f"got {feats.shape[0]}"
                 )
             kmeans = MiniBatchKMeans(n_clusters=self.num_contexts, random_state=self.seed, n_init=3)
-            # One thread: these fits are small, and OpenMP threads on a shared, loaded
-            # machine made them ~50x slower (3 s instead of 0.06 s for 100 x 2048).
+            # One thread: these fits are small, and OpenMP threads spinning on a shared,
+            # loaded machine cost far more than the work itself.
             with threadpool_limits(limits=1):
                 kmeans.fit(feats)
             centers = kmeans.cluster_centers_
