@@ -24,3 +24,23 @@ def foreign_tensors(seed: int = 0, dtype=torch.bfloat16) -> dict[str, torch.Tens
     }
     gen = torch.Generator().manual_seed(seed)
     return {k: torch.randn(s, generator=gen).to(dtype) for k, s in shapes.items()}
+
+
+def toy_config(**overrides):
+    """The tests' toy thinker (2 layers, 8 experts, top-2, hidden 32), with `overrides`."""
+    from sage_core.model.config import ThinkerTextConfig
+
+    fields = dict(
+        vocab_size=259,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        intermediate_size=0,
+        moe_intermediate_size=16,
+        num_experts=8,
+        num_experts_per_tok=2,
+        mrope_section=(3, 3, 2),
+    )
+    return ThinkerTextConfig(**{**fields, **overrides})

@@ -4,28 +4,18 @@ import math
 
 import pytest
 import torch
+from checkpoints import toy_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sage_core.corpus import CONTEXTS
-from sage_core.model.config import ThinkerTextConfig
 from sage_core.model.thinker import Qwen3OmniThinker
 from sage_core.studies import report_protocol as ap
 from sage_core.studies.experiments import Sample
 from sage_core.trust import REPORT_PRIOR, TrustTable
 
-CONFIG = ThinkerTextConfig(
+CONFIG = toy_config(
     vocab_size=64,  # every exp(CE) <= 64 < 100: the report's quality is always "good"
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    head_dim=16,
-    intermediate_size=0,
-    moe_intermediate_size=16,
-    num_experts=8,
-    num_experts_per_tok=2,
-    mrope_section=(3, 3, 2),
 )
 PROTOCOL = ap.ReportProtocol(classifier_samples=6)
 

@@ -6,26 +6,16 @@ import math
 import numpy as np
 import pytest
 import torch
+from checkpoints import toy_config
 
 from sage_core.corpus import CONTEXTS
-from sage_core.model.config import ThinkerTextConfig
 from sage_core.model.thinker import Qwen3OmniThinker
 from sage_core.studies import trust_runs, unreliable_experts
 from sage_core.studies.experiments import Sample
 from sage_core.trust import TrustTable
 
-CONFIG = ThinkerTextConfig(
+CONFIG = toy_config(
     vocab_size=64,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    head_dim=16,
-    intermediate_size=0,
-    moe_intermediate_size=16,
-    num_experts=8,
-    num_experts_per_tok=2,
-    mrope_section=(3, 3, 2),
 )
 CHOSEN = {0: [1, 5], 1: [0, 6]}
 

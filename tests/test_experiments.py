@@ -6,9 +6,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from checkpoints import toy_config
 
 from sage_core.corpus import CONTEXTS, CorpusConfig, load_corpus
-from sage_core.model.config import ThinkerTextConfig
 from sage_core.model.thinker import Qwen3OmniThinker
 from sage_core.model.tokenizer import ByteTokenizer
 from sage_core.studies.experiments import (
@@ -24,18 +24,8 @@ from sage_core.studies.experiments import (
 )
 from sage_core.trust import TrustLearner, TrustSelector, TrustTable
 
-CONFIG = ThinkerTextConfig(
-    vocab_size=259,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    head_dim=16,
-    intermediate_size=0,
-    moe_intermediate_size=16,
+CONFIG = toy_config(
     num_experts=6,
-    num_experts_per_tok=2,
-    mrope_section=(3, 3, 2),
 )
 
 

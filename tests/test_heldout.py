@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from checkpoints import toy_config
 
 from sage_core.corpus import Corpus
 from sage_core.corpus import build as corpus_build
@@ -17,24 +18,12 @@ from sage_core.corpus.heldout import (
     routing_statistics,
     score_documents,
 )
-from sage_core.model.config import ThinkerTextConfig
 from sage_core.model.generation import perplexity, window_plan
 from sage_core.model.thinker import Qwen3OmniThinker
 from sage_core.model.tokenizer import ByteTokenizer
 
-CFG = ThinkerTextConfig(
-    vocab_size=259,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    head_dim=16,
-    intermediate_size=0,
-    moe_intermediate_size=16,
-    num_experts=8,
-    num_experts_per_tok=2,
-    rope_theta=10_000.0,
-    mrope_section=(3, 3, 2),
+CFG = toy_config(
+    rope_theta=10000.0,
 )
 
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from checkpoints import toy_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,18 +25,9 @@ from sage_core.trust import (
 )
 
 CONTEXTS = ("code", "reasoning", "text")
-CONFIG = ThinkerTextConfig(
+CONFIG = toy_config(
     vocab_size=64,
-    hidden_size=32,
     num_hidden_layers=3,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    head_dim=16,
-    intermediate_size=0,
-    moe_intermediate_size=16,
-    num_experts=8,
-    num_experts_per_tok=2,
-    mrope_section=(3, 3, 2),
 )
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
