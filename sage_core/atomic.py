@@ -45,3 +45,30 @@ def atomic_write_json(path: Path | str, obj, **dumps_kwargs) -> Path:
     """`obj` as JSON (indent 2, sorted keys, trailing newline unless told otherwise)."""
     kwargs = {"indent": 2, "sort_keys": True, **dumps_kwargs}
     return atomic_write_text(path, json.dumps(obj, **kwargs) + "\n")
+
+
+def atomic_write_table(stem: Path | str, rows: list[dict], columns=None, **dumps_kwargs) -> dict:
+    """`rows` as `<stem>.csv` and `<stem>.json`, both atomically; returns the paths by format.
+
+    CSV columns are `columns` (default: every key, in order of first appearance); a dict or
+    list value is JSON-encoded in its cell, None is an empty cell. The JSON file is the list
+    of rows as given (`dumps_kwargs` go to `atomic_write_json`).
+    """
+    import csv
+    import io
+
+    stem = Path(stem)
+    columns = (
+        list(columns) if columns is not None else list(dict.fromkeys(k for r in rows for k in r))
+    )
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(
+            {c: json.dumps(v) if isinstance(v := row.get(c), dict | list) else v for c in columns}
+        )
+    return {
+        "csv": atomic_write_text(stem.with_name(stem.name + ".csv"), buffer.getvalue()),
+        "json": atomic_write_json(stem.with_name(stem.name + ".json"), rows, **dumps_kwargs),
+    }

@@ -1,3 +1,4 @@
+import json
 import stat
 
 import pytest
@@ -35,3 +36,15 @@ def test_a_failed_write_keeps_the_old_file(tmp_path):
         atomic_write(path, fail)
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+def test_a_table_is_written_as_csv_and_json(tmp_path):
+    from sage_core.atomic import atomic_write_table
+
+    rows = [{"seed": 0, "value": 0.5, "grid": [1, 2]}, {"seed": 1, "note": None}]
+    paths = atomic_write_table(tmp_path / "t", rows)
+    assert paths == {"csv": tmp_path / "t.csv", "json": tmp_path / "t.json"}
+    assert paths["csv"].read_text() == 'seed,value,grid,note\n0,0.5,"[1, 2]",\n1,,,\n'
+    assert json.loads(paths["json"].read_text()) == rows
+    only = atomic_write_table(tmp_path / "u", rows, columns=["note", "seed"])
+    assert only["csv"].read_text() == "note,seed\n,0\n,1\n"

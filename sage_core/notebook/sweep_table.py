@@ -6,13 +6,11 @@ as records) beside the run folders; `plot_headline` draws one headline across ru
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from pathlib import Path
 
-from sage_core.atomic import atomic_write_json, atomic_write_text
+from sage_core.atomic import atomic_write_table
 
 TABLE_STEM = "sweep"
 # Columns every table starts (run identity) and ends (how it went) with.
@@ -41,27 +39,10 @@ def build_table(records: list[dict | None], runs: list[str]) -> list[dict]:
     return rows
 
 
-def _csv_cell(value):
-    if value is None:
-        return ""
-    if isinstance(value, bool | int | float | str):
-        return value
-    return json.dumps(value)  # a list or dict parameter
-
-
 def write_table(rows: list[dict], out: Path | str) -> dict[str, Path]:
     """Write `rows` as `out`/sweep.csv and `out`/sweep.json, atomically."""
-    out = Path(out)
     columns = list(rows[0]) if rows else list(LEADING_COLUMNS + TRAILING_COLUMNS)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({c: _csv_cell(row.get(c)) for c in columns})
-    return {
-        "csv": atomic_write_text(out / f"{TABLE_STEM}.csv", buffer.getvalue()),
-        "json": atomic_write_json(out / f"{TABLE_STEM}.json", rows, sort_keys=False),
-    }
+    return atomic_write_table(Path(out) / TABLE_STEM, rows, columns=columns, sort_keys=False)
 
 
 def read_table(path: Path | str) -> list[dict]:

@@ -16,9 +16,6 @@ and JSON under `sage_core.paths.RESULTS` (gitignored).
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 import random
 from dataclasses import dataclass
@@ -28,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sage_core.atomic import atomic_write_bytes
+from sage_core.atomic import atomic_write_table
 from sage_core.corpus import CONTEXTS, load_corpus
 from sage_core.model.generation import generate
 from sage_core.notebook.progress import progress
@@ -419,21 +416,7 @@ def save_records(records: list[dict], name: str, directory=None) -> dict[str, Pa
     if not name or "/" in name or name.startswith("."):
         raise ValueError(f"results name must be a plain file stem, got {name!r}")
     out = Path(directory) if directory is not None else RESULTS
-    columns = list(dict.fromkeys(k for r in records for k in r))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for r in records:
-        writer.writerow(
-            {k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in r.items()}
-        )
-    paths = {"csv": out / f"{name}.csv", "json": out / f"{name}.json"}
-    atomic_write_bytes(paths["csv"], buffer.getvalue().encode("utf-8"))
-    atomic_write_bytes(
-        paths["json"],
-        (json.dumps(records, indent=1, sort_keys=True, default=_jsonable) + "\n").encode("utf-8"),
-    )
-    return paths
+    return atomic_write_table(out / name, records, indent=1, default=_jsonable)
 
 
 def _jsonable(obj):
