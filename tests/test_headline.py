@@ -1,5 +1,6 @@
 """Headline numbers recorded in a notebook's outputs and read back."""
 
+import json
 import math
 
 import nbformat
@@ -53,3 +54,9 @@ def test_record_displays_the_bundle_raw(monkeypatch):
     monkeypatch.setattr(IPython.display, "display", lambda *a, **k: shown.append((a, k)))
     headline.record(recovery=0.5)
     assert shown == [((headline.bundle(recovery=0.5),), {"raw": True})]
+
+
+def test_the_payload_is_text_that_a_javascript_round_trip_leaves_alone():
+    payload = headline.bundle(whole=1.0, tiny=1.2e-05)[headline.MIME_TYPE]
+    assert isinstance(payload, str)  # Lab would rewrite numbers inside a JSON object
+    assert json.loads(payload) == {"whole": 1.0, "tiny": 1.2e-05}

@@ -131,12 +131,24 @@ class Lab:
         self.log.close()
 
 
+def _checkpoint_dirs() -> set[Path]:
+    """Lab's checkpoint folders where this test opens files (not under .venv: too many files)."""
+    found = {base / ".ipynb_checkpoints" for base in (ROOT, NOTEBOOKS, FIGURES)}
+    found |= set(RESULTS.rglob(".ipynb_checkpoints")) if RESULTS.is_dir() else set()
+    return {d for d in found if d.is_dir()}
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     ensure_kernelspec()  # what `make lab` does before starting Lab
+    # Lab keeps a checkpoint beside every file it opens (gitignored); remove the ones this
+    # test makes, so that it leaves the checkout as it found it.
+    checkpoints_before = _checkpoint_dirs()
     server = Lab(tmp_path_factory.mktemp("lab"))
     yield server
     server.stop()
+    for made in _checkpoint_dirs() - checkpoints_before:
+        shutil.rmtree(made, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

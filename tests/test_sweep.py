@@ -383,7 +383,11 @@ def test_the_sweep_runs_on_an_explicitly_started_scheduler(tiny, tmp_path):
 
 
 def _tree_digest(directory):
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in directory.iterdir()}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in directory.iterdir()
+        if p.is_file()
+    }
 
 
 @pytest.mark.skipif(

@@ -38,12 +38,17 @@ def _plain(name: str, value):
 
 
 def bundle(**values) -> dict:
-    """The display bundle `record` shows: {'text/plain': ..., MIME_TYPE: {...}}."""
+    """The display bundle `record` shows: {'text/plain': ..., MIME_TYPE: '{...}'}.
+
+    The payload is JSON *text*, not a JSON object: JupyterLab rewrites JSON numbers in the
+    JavaScript way on save (1.0 becomes 1, 1.2e-05 becomes 0.000012), so an object would change
+    the notebook's bytes when it is opened and saved unchanged; a string survives untouched.
+    """
     if not values:
         raise ValueError("record() needs at least one name=value")
     payload = {name: _plain(name, value) for name, value in values.items()}
     text = "headline: " + ", ".join(f"{k} = {v!r}" for k, v in payload.items())
-    return {"text/plain": text, MIME_TYPE: payload}
+    return {"text/plain": text, MIME_TYPE: json.dumps(payload, sort_keys=True)}
 
 
 def record(**values) -> None:
