@@ -1,6 +1,7 @@
 """Cache policies and their simulation: exact against brute force, and the real cache agrees."""
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -223,3 +224,127 @@ def test_brute_force_helpers_agree_on_a_known_case():
     assert brute_lru_misses(keys, 3) == 10
     assert cp.simulate_belady(as_array(keys), 3).misses == 7
     assert list(itertools.islice(cp.lru_stack_distances(as_array(keys)), 5))[:4] == [np.inf] * 4
+
+
+# --- bounds: static hindsight cache and Belady with a lookahead horizon --------------------
+
+# One flag per request: does it start a new layer call (the first request always does).
+calls_strategy = st.lists(st.booleans(), min_size=12, max_size=12)
+
+
+def as_calls(starts, n):
+    return np.cumsum([0, *[int(s) for s in starts[1:n]]])[:n].astype(np.int64)
+
+
+def brute_lookahead_hits(keys, capacity, horizon, calls):
+    """Straight from the docstring: at a miss with a full cache, evict the least recently
+    used key whose next use lies beyond the horizon, else the seen key used farthest ahead."""
+    held, last, hits = [], {}, []
+    for i, k in enumerate(keys):
+        hits.append(k in held)
+        if k not in held:
+            if len(held) == capacity:
+
+                def rank(h, i=i):
+                    j = next((j for j in range(i + 1, len(keys)) if keys[j] == h), None)
+                    call = calls[j] if j is not None else math.inf
+                    if call <= calls[i] + horizon:
+                        return (1, -(j if j is not None else len(keys)))
+                    return (0, last[h])
+
+                held.remove(min(held, key=rank))
+            held.append(k)
+        last[k] = i
+    return np.array(hits, dtype=bool)
+
+
+@settings(max_examples=200, deadline=None)
+@given(trace_strategy, calls_strategy, st.integers(1, 4), st.sampled_from([0, 1, 2, 5, math.inf]))
+def test_lookahead_equals_its_brute_force_definition(keys, starts, capacity, horizon):
+    calls = as_calls(starts, len(keys))
+    sim = cp.simulate_lookahead(as_array(keys), capacity, horizon, calls)
+    assert np.array_equal(sim.hits, brute_lookahead_hits(keys, capacity, horizon, calls))
+
+
+@settings(max_examples=200, deadline=None)
+@given(trace_strategy, calls_strategy, st.integers(1, 5))
+def test_unlimited_lookahead_is_belady_hit_for_hit(keys, starts, capacity):
+    calls = as_calls(starts, len(keys))
+    unlimited = cp.simulate_lookahead(as_array(keys), capacity, math.inf, calls)
+    assert np.array_equal(unlimited.hits, cp.simulate_belady(as_array(keys), capacity).hits)
+
+
+@settings(max_examples=200, deadline=None)
+@given(trace_strategy, st.integers(1, 5))
+def test_lookahead_zero_with_one_request_per_call_is_lru(keys, capacity):
+    zero = cp.simulate_lookahead(as_array(keys), capacity, 0)
+    assert zero.misses == brute_lru_misses(keys, capacity)
+    assert np.array_equal(zero.hits, cp.lru_hits(as_array(keys), [capacity])[capacity])
+
+
+def test_lookahead_zero_keeps_the_current_calls_experts():
+    # Capacity 2: a, b resident; the next call asks c then a. LRU evicts a (least recent)
+    # and misses it again; horizon 0 sees a in the current call and evicts b.
+    keys = as_array([(0, 0), (0, 1), (0, 2), (0, 0)])
+    calls = np.array([0, 1, 2, 2])
+    assert cp.simulate_lookahead(keys, 2, 0, calls).hits.tolist() == [False, False, False, True]
+    assert cp.simulate(keys, cp.make_policy("lru", 2)).hits.tolist() == [False] * 4
+
+
+def test_belady_bounds_every_horizon_and_unlimited_equals_it_on_random_traces():
+    rng = np.random.default_rng(3)
+    for trial in range(30):
+        # Zipf-like popularity over 2 layers x 8 experts, calls of 1-3 requests.
+        n = int(rng.integers(20, 120))
+        experts = np.minimum(rng.zipf(1.5, size=n) - 1, 7)
+        keys = np.stack([rng.integers(0, 2, size=n), experts], 1)
+        calls = np.cumsum(rng.random(n) < 0.5)
+        capacity = int(rng.integers(1, 8))
+        belady = cp.simulate_belady(keys, capacity)
+        for horizon in (0, 1, 3, 10, math.inf):
+            sim = cp.simulate_lookahead(keys, capacity, horizon, calls)
+            assert sim.misses >= belady.misses, (trial, horizon)
+        assert np.array_equal(sim.hits, belady.hits)
+
+
+def brute_static_hits(keys, capacity):
+    counts = {}
+    for k in keys:
+        counts[k] = counts.get(k, 0) + 1
+    held = sorted(counts, key=lambda k: (-counts[k], k))[:capacity]
+    return np.array([k in held for k in keys], dtype=bool)
+
+
+@settings(max_examples=200, deadline=None)
+@given(trace_strategy, st.integers(1, 6))
+def test_static_cache_holds_the_most_requested_keys(keys, capacity):
+    sim = cp.simulate_static(as_array(keys), capacity)
+    assert np.array_equal(sim.hits, brute_static_hits(keys, capacity))
+    assert sim.policy == "static"
+
+
+def test_static_cache_is_not_a_demand_policy():
+    # a, b, a, b with one slot: the static cache keeps a and hits twice; Belady, which must
+    # admit every miss, never hits.
+    keys = as_array([(0, 0), (0, 1)] * 2)
+    assert int(cp.simulate_static(keys, 1).hits.sum()) == 2
+    assert int(cp.simulate_belady(keys, 1).hits.sum()) == 0
+
+
+def test_layer_calls_split_tokens_and_layers():
+    keys = as_array([(0, 3), (0, 1), (1, 2), (1, 0), (0, 3), (1, 1)])
+    token_of = np.array([0, 0, 0, 0, 1, 1])
+    assert cp.layer_calls(keys, token_of).tolist() == [0, 0, 1, 1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (lambda: cp.simulate_lookahead(as_array([(0, 0)]), 1, -1), "horizon"),
+        (lambda: cp.simulate_lookahead(as_array([(0, 0), (0, 1)]), 1, 1, [1, 0]), "calls"),
+        (lambda: cp.simulate_static(as_array([(0, 0)]), 0), "capacity"),
+    ],
+)
+def test_bound_arguments_are_checked(bad, match):
+    with pytest.raises(ValueError, match=match):
+        bad()

@@ -131,3 +131,54 @@ def test_heldout_windows_are_seeded_and_distinct():
     assert not all(torch.equal(x, y) for x, y in zip(a, c, strict=True))
     with pytest.raises(ValueError, match="too few"):
         offloading.heldout_windows(tokenizer, "code", 10**6, 16, seed=0)
+
+
+def test_breaking_on_load_equals_the_resident_breakage_and_keeps_the_reads():
+    """The trust-and-cache section breaks experts as the cache reads them: the logits must
+    be those of notebook 07's Breakage on the resident model, bit for bit."""
+    from sage_core.checkpoint import load_thinker
+    from sage_core.studies import trust_runs
+    from sage_core.studies.experiments import resolve_model_path
+
+    path = resolve_model_path(None)
+    resident = load_thinker(path).eval()
+    chosen = {layer: [0, 5] for layer in resident.sparse_blocks()}
+    breakage = trust_runs.Breakage(resident, chosen, "noise", seed=0)
+    ids = torch.randint(3, 250, (1, 10), generator=torch.Generator().manual_seed(0))
+
+    def stepwise(model):
+        cache, out = model.new_cache(1, ids.shape[1]), []
+        with torch.no_grad():
+            for t in range(ids.shape[1]):
+                out.append(model(ids[:, t : t + 1], cache=cache))
+        return torch.cat(out, 1)
+
+    with breakage.active("code"):
+        want = stepwise(resident)
+    plain = load_thinker(path, max_resident_experts=32).eval()
+    clean = stepwise(plain)
+    cached = load_thinker(path, max_resident_experts=32).eval()
+    offloading.break_on_load(cached, breakage)
+    assert torch.equal(stepwise(cached), want)
+    assert not torch.equal(want, clean)
+    # Routing downstream of a broken expert differs, so compare bytes per read, not totals.
+    per_read = [m.expert_cache.bytes_read / m.expert_cache.misses for m in (cached, plain)]
+    assert per_read[0] == per_read[1]
+    one_context = trust_runs.Breakage(resident, chosen, "noise", seed=0, contexts=("code",))
+    with pytest.raises(ValueError, match="every context"):
+        offloading.break_on_load(load_thinker(path, max_resident_experts=32), one_context)
+    with pytest.raises(ValueError, match="expert cache"):
+        offloading.break_on_load(resident, breakage)
+
+
+def test_lookahead_horizons_and_the_shortest_closing_half():
+    assert offloading.lookahead_horizons(4, (1, 4)) == {
+        "1 layer": 1,
+        "1 token": 4,
+        "4 tokens": 16,
+        "unlimited": float("inf"),
+    }
+    horizons = {"1 token": 4, "4 tokens": 16}
+    table = rows(lru=0.2, belady=0.6, **{"lookahead 1 token": 0.3, "lookahead 4 tokens": 0.45})
+    assert offloading.smallest_closing(table, 0.25, horizons) == "4 tokens"
+    assert offloading.smallest_closing(table, 0.25, horizons, share=0.9) is None

@@ -176,3 +176,89 @@ def test_selectors_need_a_cache():
         NextLayerPrefetch(model)
     with pytest.raises(ValueError, match="threshold"):
         CacheAwareSelector(load_thinker(MODEL, max_resident_experts=4), -1)
+
+
+class ExcludingInner:
+    """A fake trust selector: top-k of the logits without the experts its table excludes
+    per (layer, context); `context` is one name or one per sequence, like TrustSelector's."""
+
+    def __init__(self, excluded_by_context: dict, top_k: int = 4):
+        self.excluded_by_context = excluded_by_context
+        self.top_k = top_k
+        self.context = None
+
+    def excluded(self, layer_idx, context):
+        mask = torch.zeros(32, dtype=torch.bool)
+        mask[self.excluded_by_context.get(context, {}).get(layer_idx, [])] = True
+        return mask
+
+    def __call__(self, router_logits, layer_idx, hidden_states):
+        contexts = [self.context] if isinstance(self.context, str) else self.context
+        per = router_logits.shape[0] // len(contexts)
+        mask = torch.stack([self.excluded(layer_idx, c) for c in contexts])
+        logits = router_logits.masked_fill(mask.repeat_interleave(per, 0), -torch.inf)
+        top = torch.topk(logits, self.top_k, dim=-1)
+        return top.indices, torch.softmax(top.values, -1)
+
+
+def near_tie_logits(rows):
+    # Experts 0-3 chosen, 3 uncached; resident 5 and 6 just below it, 5 the closer.
+    logits = torch.full((rows, 32), -5.0)
+    logits[:, :4] = torch.tensor([3.0, 2.9, 2.0, 1.0])
+    logits[:, 5], logits[:, 6] = 0.95, 0.9
+    return logits
+
+
+def cache_with(resident):
+    model = load_thinker(MODEL, max_resident_experts=CAPACITY)
+    for key in resident:
+        model.expert_cache.get(key, lambda: ("w", 1))
+    return model
+
+
+def test_cache_aware_swap_never_takes_an_expert_trust_excluded_per_sequence():
+    model = cache_with([(0, 5), (0, 6)])
+    inner = ExcludingInner({"code": {0: [5]}})
+    selector = CacheAwareSelector(model, 0.2, inner=inner)
+    inner.context = ["code", "text"]  # B = 2 sequences of S = 2 positions: rows = 4
+    indices, weights = selector(near_tie_logits(4), 0, torch.zeros(4, 128))
+    assert indices[:, 3].tolist() == [6, 6, 5, 5]  # code: 5 is excluded, 6 is next
+    assert not (indices[:2] == 5).any()
+    assert torch.allclose(weights.sum(1), torch.ones(4))
+    inner.context = "code"  # one name for the whole batch
+    indices, _ = selector(near_tie_logits(2), 0, torch.zeros(2, 128))
+    assert indices[:, 3].tolist() == [6, 6]
+    # Excluded in another layer only: layer 0 swaps to 5 as without trust.
+    inner.excluded_by_context = {"code": {1: [5]}}
+    indices, _ = selector(near_tie_logits(2), 0, torch.zeros(2, 128))
+    assert indices[:, 3].tolist() == [5, 5]
+
+
+def test_cache_aware_swap_with_every_resident_alternative_excluded_keeps_the_choice():
+    model = cache_with([(0, 5), (0, 6)])
+    inner = ExcludingInner({"code": {0: [5, 6]}})
+    inner.context = "code"
+    selector = CacheAwareSelector(model, 100.0, inner=inner)
+    indices, _ = selector(near_tie_logits(1), 0, torch.zeros(1, 128))
+    assert indices[0].tolist() == [0, 1, 2, 3] and selector.swapped == 0
+
+
+def test_cache_aware_with_trusts_oracle_never_brings_back_a_broken_expert():
+    from sage_core.corpus import CONTEXTS
+    from sage_core.trust import OracleSelector, TrustTable
+
+    model = cache_with([(0, 5), (0, 6)])
+    oracle = OracleSelector(TrustTable.for_model(model, CONTEXTS), 4, True, {"code": {0: [5]}})
+    selector = CacheAwareSelector(model, 0.2, inner=oracle)
+    oracle.context = "code"
+    indices, _ = selector(near_tie_logits(3), 0, torch.zeros(3, 128))
+    assert not (indices == 5).any() and (indices[:, 3] == 6).all()
+    oracle.context = "text"
+    indices, _ = selector(near_tie_logits(3), 0, torch.zeros(3, 128))
+    assert (indices[:, 3] == 5).all()
+    oracle.context = None
+    with pytest.raises(ValueError, match="context"):
+        selector(near_tie_logits(1), 0, torch.zeros(1, 128))
+    oracle.context = ["code", "text"]
+    with pytest.raises(ValueError, match="sequences"):
+        selector(near_tie_logits(3), 0, torch.zeros(3, 128))

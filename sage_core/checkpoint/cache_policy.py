@@ -17,6 +17,9 @@ Keys are (layer, expert) pairs. Policies (online: they see only the past):
 
 Belady's MIN (offline: evict the key whose next use is farthest away) needs the future and
 lives in `simulate_belady`; it is the fewest misses any demand policy can have on a trace.
+Two more bounds say where Belady's advantage comes from: `simulate_static` (the most
+requested keys of the whole trace, fixed: the ceiling of frequency) and `simulate_lookahead`
+(Belady seeing only a horizon of layer calls ahead, LRU beyond it).
 """
 
 from __future__ import annotations
@@ -343,3 +346,95 @@ def simulate_belady(keys, capacity: int) -> Simulation:
             held += 1
         next_of[c] = nxt[i]
     return Simulation("belady", capacity, hits)
+
+
+# --- bounds: what knowing the trace would buy ----------------------------------------------
+
+
+def simulate_static(keys, capacity: int) -> Simulation:
+    """The hindsight-optimal static cache: the `capacity` keys the whole trace requests
+    most often (ties: lower (layer, expert)) are resident from the start and never change.
+
+    Every other request is a miss, streamed through a transient buffer without displacing
+    the set (bypass), so this is not a demand policy and Belady does not bound it in
+    general (capacity 1 on a, b, a, b, ...). It is the ceiling of any policy that settles
+    on one set of frequent experts (LFU, and the activation-aware policy with a long
+    half-life, converge to such a set), given the frequencies it could only estimate."""
+    capacity = _check_capacity(capacity)
+    codes = _codes(keys)
+    counts = np.bincount(codes) if codes.size else np.zeros(0, dtype=np.int64)
+    # A stable sort of -counts keeps the lower code first among equal counts.
+    held = np.argsort(-counts, kind="stable")[:capacity]
+    return Simulation("static", capacity, np.isin(codes, held))
+
+
+def layer_calls(keys, token_of) -> np.ndarray:
+    """(A,) id of the layer call each request belongs to: consecutive requests of one token
+    in one layer (what the router of that layer chose at once)."""
+    keys = np.asarray(keys, dtype=np.int64).reshape(-1, 2)
+    token_of = np.asarray(token_of, dtype=np.int64).reshape(-1)
+    if token_of.size != keys.shape[0]:
+        raise ValueError(f"{keys.shape[0]} requests but {token_of.size} tokens")
+    if not keys.size:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.r_[False, (np.diff(token_of) != 0) | (np.diff(keys[:, 0]) != 0)]
+    return np.cumsum(starts)
+
+
+def simulate_lookahead(keys, capacity: int, horizon, calls=None) -> Simulation:
+    """Belady's MIN that sees only `horizon` layer calls ahead (demand paging).
+
+    At a miss with a full cache, each resident key's next use is *seen* when it falls in
+    the current layer call or one of the next `horizon` (`calls`: the (A,) layer call of
+    each request, from `layer_calls`; None: every request is its own call). Keys with a
+    seen next use are ranked as Belady ranks them (farthest first). Keys whose next use is
+    not seen are evicted first, least recently used first: without sight of their future,
+    recency is what the library's default policy uses, so the gap between horizons is
+    what the lookahead adds to today's cache. Treating unseen keys as "never reused" and
+    nothing more would leave their order arbitrary, and the bound at a short horizon
+    would then measure that arbitrary order as much as the lookahead.
+
+    horizon 0 sees the current layer call only: the experts its router already chose are
+    kept, the rest is LRU (exactly LRU when each call requests one key). horizon
+    `math.inf` sees the whole trace and is Belady's MIN, hit for hit."""
+    capacity = _check_capacity(capacity)
+    if not (isinstance(horizon, int | float) and not isinstance(horizon, bool) and horizon >= 0):
+        raise ValueError(f"horizon must be a number >= 0 (layer calls), got {horizon!r}")
+    codes = _codes(keys)
+    calls = (
+        np.arange(codes.size, dtype=np.int64)
+        if calls is None
+        else np.asarray(calls, dtype=np.int64).reshape(-1)
+    )
+    if calls.size != codes.size or np.any(np.diff(calls) < 0):
+        raise ValueError("calls must be one non-decreasing layer call id per request")
+    nxt = next_use(codes)
+    # The call of each request's next use; inf when the key is never requested again.
+    next_call = np.append(calls.astype(np.float64), np.inf)[nxt]
+    size = int(codes.max()) + 1 if codes.size else 0
+    resident = np.zeros(size, dtype=bool)
+    last_use = np.zeros(size, dtype=np.int64)
+    next_of = np.zeros(size, dtype=np.int64)
+    next_call_of = np.zeros(size, dtype=np.float64)
+    hits = np.zeros(codes.size, dtype=bool)
+    held = 0
+    for i, c in enumerate(codes):
+        if resident[c]:
+            hits[i] = True
+        else:
+            if held >= capacity:
+                candidates = np.flatnonzero(resident)
+                seen = next_call_of[candidates] <= calls[i] + horizon
+                if seen.all():
+                    victim = candidates[np.argmax(next_of[candidates])]
+                else:
+                    unseen = candidates[~seen]
+                    victim = unseen[np.argmin(last_use[unseen])]
+                resident[victim] = False
+                held -= 1
+            resident[c] = True
+            held += 1
+        last_use[c] = i
+        next_of[c] = nxt[i]
+        next_call_of[c] = next_call[i]
+    return Simulation(f"lookahead_{horizon:g}", capacity, hits)

@@ -11,7 +11,10 @@ nothing about how it scores experts, so they compose with whatever chooses exper
   the resident one (Skliar et al., "Mixture of Cache-Conditional Experts", 2024, bias the
   router toward resident experts). The swapped slot's weight is scaled by the ratio of the
   two experts' router probabilities, then each token's weights are rescaled to the inner
-  selector's sum, so with norm_topk_prob they still sum to one.
+  selector's sum, so with norm_topk_prob they still sum to one. When the inner selector
+  excludes experts (trust's rule "exclude": it has `excluded(layer_idx, context)` and a
+  `context`, one name or one per sequence), a swap never takes an excluded expert: the
+  cache must not bring back what trust removed.
 """
 
 from __future__ import annotations
@@ -82,6 +85,31 @@ class CacheAwareSelector:
             device=device,
         )
 
+    def excluded_rows(self, layer_idx: int, rows: int, device) -> torch.Tensor | None:
+        """(rows, E) bool: the experts the inner selector excludes for each router row, or
+        None when it excludes nothing (or has no notion of exclusion). Checked by duck
+        typing, so the checkpoint package needs nothing from trust."""
+        excluded = getattr(self.inner, "excluded", None)
+        if not callable(excluded) or not hasattr(self.inner, "context"):
+            return None
+        context = self.inner.context
+        if context is None:
+            raise ValueError(
+                "the inner selector excludes experts per context, but its context is not set"
+            )
+        contexts = [context] if isinstance(context, str) else list(context)
+        if not contexts or rows % len(contexts):
+            raise ValueError(
+                f"{rows} router rows do not split into {len(contexts)} sequences "
+                "(the inner selector's context has one name per sequence)"
+            )
+        masks = torch.stack(
+            [torch.as_tensor(excluded(layer_idx, c), dtype=torch.bool) for c in contexts]
+        )
+        if not masks.any():
+            return None
+        return masks.to(device).repeat_interleave(rows // len(contexts), 0)
+
     def __call__(self, router_logits, layer_idx, hidden_states):
         indices, weights = self.inner(router_logits, layer_idx, hidden_states)
         if self.threshold == 0:
@@ -92,10 +120,12 @@ class CacheAwareSelector:
         logits = router_logits.float()
         indices, scale = indices.clone(), torch.ones_like(logits[:, : indices.shape[1]])
         chosen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, indices, True)
+        excluded = self.excluded_rows(layer_idx, logits.shape[0], logits.device)
+        allowed = resident if excluded is None else resident & ~excluded
         rows = torch.arange(indices.shape[0], device=indices.device)
         for j in range(indices.shape[1]):
             mine = logits[rows, indices[:, j]]
-            alternatives = torch.where(resident & ~chosen, logits, -torch.inf)
+            alternatives = torch.where(allowed & ~chosen, logits, -torch.inf)
             best, alt = alternatives.max(dim=1)
             swap = ~resident[indices[:, j]] & (mine - best <= self.threshold)
             if swap.any():

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,6 +198,55 @@ def simulate_policies(
     return rows
 
 
+def lookahead_horizons(num_layers: int, tokens=(1, 2, 4, 16)) -> dict[str, float]:
+    """{label: horizon in layer calls}: one layer, each of `tokens` tokens (num_layers layer
+    calls each), and unlimited (Belady)."""
+    out = {"1 layer": 1}
+    for t in tokens:
+        out[f"{t:g} token{'s' if t != 1 else ''}"] = t * num_layers
+    out["unlimited"] = math.inf
+    return out
+
+
+def simulate_bounds(traces, fraction: float, horizons: dict[str, float]) -> list[dict]:
+    """At one cache size, per (context, phase): the hindsight static cache ("static") and
+    Belady restricted to each lookahead horizon ("lookahead <label>"), rows shaped like
+    `simulate_policies`' so `gap_closed` reads them beside it."""
+    rows = []
+    for context in traces:
+        for phase, trace in traces[context].items():
+            keys, token_of = access_sequence(trace)
+            calls = cache_policy.layer_calls(keys, token_of)
+            cap = capacities(trace.num_experts * len(trace.layers), [fraction])[0]
+            sims = {"static": cache_policy.simulate_static(keys, cap)}
+            for label, horizon in horizons.items():
+                sims[f"lookahead {label}"] = cache_policy.simulate_lookahead(
+                    keys, cap, horizon, calls
+                )
+            for name, sim in sims.items():
+                rows.append(
+                    {
+                        "context": context,
+                        "phase": phase,
+                        "fraction": fraction,
+                        "capacity": cap,
+                        "policy": name,
+                        "hit_rate": sim.hit_rate,
+                        "experts_read_per_token": sim.experts_read / trace.num_tokens,
+                    }
+                )
+    return rows
+
+
+def smallest_closing(rows, fraction: float, horizons: dict[str, float], share: float = 0.5):
+    """The label of the shortest lookahead that closes at least `share` of the LRU-to-Belady
+    gap in every (context, phase), or None."""
+    for label in sorted(horizons, key=horizons.get):
+        if min(gap_closed(rows, fraction, f"lookahead {label}").values()) >= share:
+            return label
+    return None
+
+
 def gap_closed(rows, fraction: float, policy: str) -> dict[tuple[str, str], float]:
     """{(context, phase): (policy - lru) / (belady - lru)} hit rates at one capacity."""
     out = {}
@@ -270,12 +320,15 @@ class FrontierSettings:
 
 
 @torch.no_grad()
-def teacher_forced_run(model, windows) -> dict:
+def teacher_forced_run(model, windows, contexts=None, trust=None) -> dict:
     """Bits of every next token, one token per forward over a KV cache (decode order), and
-    the cache's reads: {"bits": (N,), "misses", "tokens"}."""
+    the cache's reads: {"bits": (N,), "misses", "tokens"}. With `trust` (a selector with a
+    `context`), its context is set to `contexts[i]` before window i."""
     device = model.model.embed_tokens.weight.device
     bits, tokens = [], 0
-    for window in windows:
+    for i, window in enumerate(windows):
+        if trust is not None:
+            trust.context = contexts[i]
         ids = window.to(device)[None]
         cache = model.new_cache(1, ids.shape[1])
         for t in range(ids.shape[1] - 1):
@@ -329,6 +382,182 @@ def cache_aware_frontier(
             }
         )
     return rows
+
+
+# --- 4b. trust and the cache together ---------------------------------------------------------
+
+
+class BrokenOnLoad:
+    """An `ExpertSource` whose broken experts' `down_proj` is replaced as it is read.
+
+    `trust_runs.Breakage` edits the weights of a resident model; a model with an expert
+    cache holds no experts until it reads them, so the same broken weights (built by a
+    `Breakage` on the resident model) are written into each broken expert as the cache
+    loads it. Perplexity and reads then come from one run through the real cache: the
+    bytes read are the file's, and the selector sees the cache as it is. Replaying the
+    choices of a resident run through the simulator would not do: a cache-aware selector
+    chooses from what is resident, so its choices depend on the cache it runs with."""
+
+    def __init__(self, source, broken_down: dict):
+        self.source = source
+        self.broken_down = {int(e): w for e, w in broken_down.items()}
+
+    def __getattr__(self, name):
+        return getattr(self.source, name)
+
+    def read(self, expert: int, into=None):
+        (gate_up, down), nbytes = self.source.read(expert, into=into)
+        if int(expert) in self.broken_down:
+            with torch.no_grad():
+                down.copy_(self.broken_down[int(expert)])
+        return (gate_up, down), nbytes
+
+
+def break_on_load(model, breakage) -> None:
+    """Install `breakage` (every context broken) in `model`'s on-demand experts."""
+    if breakage.contexts is not None:
+        raise ValueError("break_on_load needs a breakage of every context (contexts=None)")
+    blocks = _on_demand(model)
+    by_layer: dict = {}
+    for (layer, e), weight in breakage.broken.items():
+        by_layer.setdefault(layer, {})[e] = weight
+    for layer, broken in by_layer.items():
+        blocks[layer].experts.source = BrokenOnLoad(blocks[layer].experts.source, broken)
+
+
+def _on_demand(model) -> dict:
+    if getattr(model, "expert_cache", None) is None:
+        raise ValueError("the model has no expert cache (load it with max_resident_experts=N)")
+    return model.sparse_blocks()
+
+
+TRUST_CACHE_ARMS = ("router", "cache_aware", "oracle", "oracle_cache_aware")
+
+
+@dataclass(frozen=True)
+class TrustCacheSettings:
+    capacity: int = 32
+    policy: str = "lru"
+    threshold: float = 0.75
+    seeds: tuple = (0, 1, 2, 3, 4)
+    window_tokens: int = 48
+    broken_per_layer: int = 2  # notebook 07's primary scenario: m = 2, noise
+    pool: int = 8
+    usage_windows_per_context: int = 8
+
+
+def seed_breakage(resident_model, tokenizer, settings: TrustCacheSettings, seed: int, corpus=None):
+    """Notebook 07's breakage for one seed: `broken_per_layer` experts per layer drawn among
+    the `pool` most used on the seed's training stream, their down_proj replaced by noise."""
+    from sage_core.studies import trust_runs
+    from sage_core.studies.experiments import make_samples
+
+    stream = make_samples(
+        tokenizer, "train", settings.usage_windows_per_context, 32, 32, seed, corpus, "trust"
+    )
+    usage = trust_runs.expert_usage(resident_model, stream)
+    chosen = trust_runs.choose_broken(usage, settings.broken_per_layer, settings.pool, seed)
+    return trust_runs.Breakage(resident_model, chosen, "noise", seed)
+
+
+def trust_and_cache(
+    model_path,
+    resident_model,
+    tokenizer,
+    settings: TrustCacheSettings,
+    device="cpu",
+    dtype="float32",
+) -> list[dict]:
+    """One row per (seed, arm of TRUST_CACHE_ARMS): perplexity and experts read per token on
+    the broken model through a fresh bounded cache, on the frontier's held-out windows.
+    "oracle" excludes exactly the broken experts (`OracleSelector`, perfect trust);
+    "*cache_aware" wraps the arm's selector in `CacheAwareSelector` at `threshold`."""
+    from sage_core.trust import OracleSelector, TrustTable
+
+    corpus = load_corpus()
+    rows = []
+    work = [(s, a) for s in settings.seeds for a in TRUST_CACHE_ARMS]
+    breakages, windows = {}, {}
+    for seed in settings.seeds:
+        breakages[seed] = seed_breakage(resident_model, tokenizer, settings, seed, corpus)
+        windows[seed] = [
+            (c, w)
+            for c in CONTEXTS
+            for w in heldout_windows(tokenizer, c, 1, settings.window_tokens, seed, corpus)
+        ]
+    for seed, arm in progress(work, desc="trust and cache"):
+        model = load_thinker(
+            resolve_model_path(model_path),
+            max_resident_experts=settings.capacity,
+            cache_policy=settings.policy,
+            device=device,
+            dtype=parse_dtype(dtype),
+        ).eval()
+        break_on_load(model, breakages[seed])
+        cfg = model.config
+        trust = None
+        if arm.startswith("oracle"):
+            trust = OracleSelector(
+                TrustTable.for_model(model, CONTEXTS),
+                cfg.num_experts_per_tok,
+                cfg.norm_topk_prob,
+                breakages[seed].broken_by_context(),
+            )
+        threshold = settings.threshold if arm.endswith("cache_aware") else 0.0
+        selector = CacheAwareSelector(model, threshold, inner=trust)
+        model.set_selector(selector)
+        contexts = [c for c, _ in windows[seed]]
+        run = teacher_forced_run(model, [w for _, w in windows[seed]], contexts, trust)
+        rows.append(
+            {
+                "seed": seed,
+                "arm": arm,
+                "perplexity": float(2.0 ** run["bits"].mean()),
+                "experts_read_per_token": run["misses"] / run["tokens"],
+                "swapped_per_token": selector.swapped / run["tokens"],
+                "tokens": run["tokens"],
+            }
+        )
+    return rows
+
+
+def trust_cache_summary(rows, reference: str = "router") -> list[dict]:
+    """Per arm, paired per seed with `reference`: relative perplexity change and the factor
+    of fewer experts read per token, each a Student-t 95% interval over seeds."""
+    from sage_core.studies.trust_runs import t_interval
+
+    base = {r["seed"]: r for r in rows if r["arm"] == reference}
+    out = []
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        mine = [r for r in rows if r["arm"] == arm]
+        out.append(
+            {
+                "arm": arm,
+                "perplexity": t_interval([r["perplexity"] for r in mine]),
+                "perplexity_change": t_interval(
+                    [r["perplexity"] / base[r["seed"]]["perplexity"] - 1 for r in mine]
+                ),
+                "reads_per_token": t_interval([r["experts_read_per_token"] for r in mine]),
+                "fewer_reads": t_interval(
+                    [
+                        base[r["seed"]]["experts_read_per_token"] / r["experts_read_per_token"]
+                        for r in mine
+                    ]
+                ),
+            }
+        )
+    return out
+
+
+def paired_interval(rows, arm: str, reference: str, field: str, ratio: bool = True) -> dict:
+    """t interval over seeds of arm / reference - 1 (ratio) or arm - reference, of `field`."""
+    from sage_core.studies.trust_runs import t_interval
+
+    by = {(r["seed"], r["arm"]): r[field] for r in rows}
+    seeds = sorted({s for s, a in by if a == arm})
+    if ratio:
+        return t_interval([by[(s, arm)] / by[(s, reference)] - 1 for s in seeds])
+    return t_interval([by[(s, arm)] - by[(s, reference)] for s in seeds])
 
 
 def frontier_summary(rows, seed: int = 0) -> list[dict]:
@@ -541,11 +770,13 @@ def mean_hit_rate(rows, policy: str, fraction: float, phase: str | None = None) 
 
 
 def belady_violations(rows) -> list[dict]:
-    """Rows of an online policy that beat Belady on the same trace and size (none if exact)."""
+    """Rows of a demand policy (online, or Belady with a horizon) that beat Belady on the
+    same trace and size (none if exact). The static cache bypasses the cache on a miss, so
+    Belady does not bound it and it is not checked."""
     return [
         r
         for r in rows
-        if r["policy"] != "belady"
+        if r["policy"] not in ("belady", "static")
         and r["hit_rate"]
         > rows_at(
             rows, context=r["context"], phase=r["phase"], fraction=r["fraction"], policy="belady"
@@ -573,3 +804,26 @@ def first_reaching(summary, factor: float = 1.5) -> dict | None:
     """The smallest threshold whose mean reads fall by at least `factor` (None if none)."""
     reaching = [s for s in summary if s["fewer_reads"]["mean"] >= factor]
     return min(reaching, key=lambda s: s["threshold"]) if reaching else None
+
+
+def plot_bounds(rows, fraction: float, horizons: dict[str, float], online: str):
+    """Share of the LRU-to-Belady gap closed at one cache size, per (context, phase): by the
+    best online policy, the hindsight static cache, and Belady with each lookahead horizon."""
+    import matplotlib.pyplot as plt
+
+    arms = [online, "static", *(f"lookahead {label}" for label in horizons)]
+    labels = [f"{online} (online)", "static (hindsight)", *(f"see {x}" for x in horizons)]
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    keys = list(gap_closed(rows, fraction, arms[0]))
+    width = 0.8 / len(keys)
+    for i, key in enumerate(keys):
+        shares = [gap_closed(rows, fraction, arm)[key] for arm in arms]
+        ax.bar(np.arange(len(arms)) + i * width, shares, width, label=f"{key[0]} {key[1]}")
+    ax.axhline(0.5, color="0.4", ls=":", lw=1)
+    ax.axhline(0.0, color="k", lw=0.6)
+    ax.set_xticks(np.arange(len(arms)) + 0.4 - width / 2, labels, rotation=20, fontsize=8)
+    ax.set_ylabel("share of LRU-to-Belady gap closed")
+    ax.set_title(f"cache of {100 * fraction:g}% of the experts", fontsize=10)
+    ax.legend(frameon=False, fontsize=7, ncol=3)
+    fig.tight_layout()
+    return fig
