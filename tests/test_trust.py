@@ -1,6 +1,7 @@
 """Trust table, selector rules, update rule and persistence (sage_core.trust)."""
 
 import pytest
+import scipy.stats
 import torch
 from checkpoints import toy_config
 from hypothesis import given, settings
@@ -395,46 +396,107 @@ def trained_model_with_broken_expert(layer=1):
     return model, expert, windows
 
 
-def direct_harm(model, ids, prompt_tokens, layer, expert):
-    """Mean continuation NLL with the router minus with (layer, expert) ablated, each run
-    as its own forward of one sequence."""
+def direct_harm(model, ids, removed, layer, expert):
+    """NLL of every next-token prediction of `ids` (1, S) with (layer, expert) in minus
+    with it out, the experts `removed` ((L, E) bool over the sparse layers) out in both;
+    each run as its own forward of one sequence."""
+    c = model.config
+    layers = sorted(model.sparse_blocks())
+    scores = []
     with torch.no_grad():
+        for out in (False, True):
+            masks = {lyr: removed[i][None].clone() for i, lyr in enumerate(layers)}
+            masks[layer][0, expert] = out
+            selector = AblationSelector(c.num_experts_per_tok, c.norm_topk_prob, masks, 1)
+            model.set_selector(selector)
+            scores.append(continuation_nll(model, ids, 1).mean())
         model.set_selector(None)
-        base = continuation_nll(model, ids, prompt_tokens).mean()
-        c = model.config
-        cells = [(layer, expert)]
-        model.set_selector(
-            AblationSelector(c.num_experts_per_tok, c.norm_topk_prob, c.num_experts, cells)
-        )
-        ablated = continuation_nll(model, ids, prompt_tokens).mean()
-        model.set_selector(None)
-    return float(base - ablated)
+    return float(scores[0] - scores[1])
 
 
 def test_counterfactual_estimate_converges_to_the_ablation_effect():
-    # Hand-built: a random model whose every window is ablated for every cell; the
-    # running mean must equal the mean of the directly measured ablation effects.
+    # Hand-built: a random model whose every served cell is ablated in every window; the
+    # running mean must equal the mean of the directly measured effects of removing the
+    # expert (or, once it is suspected, of putting it back), each from its own forwards.
     model = tiny_model()
     table = TrustTable.for_model(model, CONTEXTS)
     learner = CounterfactualLearner(table, ablations_per_window=CONFIG.num_experts * 3)
     gen = torch.Generator().manual_seed(5)
     windows = [torch.randint(0, CONFIG.vocab_size, (16,), generator=gen) for _ in range(6)]
-    effects = []
+    effects, put_back = {}, 0
     for ids in windows:
-        learner.update(model, ids[:8], ids[8:], "code")
-        effects.append(direct_harm(model, ids[None], 8, 1, 3))
-    assert int(table.harm_count[table.layer_pos(1), 0, 3]) == len(windows)
-    assert any(abs(e) > 1e-5 for e in effects)
-    mean = float(table.harm_mean[table.layer_pos(1), 0, 3])
-    assert mean == pytest.approx(sum(effects) / len(effects), abs=1e-6)
+        removed = learner.suspected("code").clone()
+        put_back += int(removed.sum())
+        want = {
+            (layer, e): direct_harm(model, ids[None], removed, layer, e)
+            for layer in table.layers
+            for e in range(CONFIG.num_experts)
+        }
+        for layer, e, harm in learner.update(model, ids[:8], ids[8:], "code")["cells"]:
+            assert harm == pytest.approx(want[(layer, e)], abs=1e-5)
+            effects.setdefault((layer, e), []).append(want[(layer, e)])
+    assert any(abs(e) > 1e-5 for values in effects.values() for e in values)
+    assert put_back > 0  # some measurements were of putting a suspected expert back
+    for (layer, e), values in effects.items():
+        li = table.layer_pos(layer)
+        assert int(table.harm_count[li, 0, e]) == len(values)
+        mean = float(table.harm_mean[li, 0, e])
+        assert mean == pytest.approx(sum(values) / len(values), abs=1e-5)
     assert not table.harm_count[:, 1:].any()  # nothing learned for the other contexts
     # With a zero output head every window's NLL is log(V) whatever the routing: the known
     # effect of every ablation is exactly 0, so the estimate is 0 and nothing is excluded.
     with torch.no_grad():
         model.lm_head.weight.zero_()
     flat = TrustTable.for_model(model, CONTEXTS)
-    CounterfactualLearner(flat, 8).update(model, windows[0][:8], windows[0][8:], "text")
-    assert flat.harm_count.sum() == 8 and not flat.harm_mean.any()
+    info = CounterfactualLearner(flat, 8).update(model, windows[0][:8], windows[0][8:], "text")
+    assert len(info["cells"]) == 8 and flat.harm_count.sum() == 8 and not flat.harm_mean.any()
+
+
+def test_counterfactual_ablates_only_experts_that_served_the_window():
+    model = tiny_model()
+    table = TrustTable.for_model(model, CONTEXTS)
+    learner = CounterfactualLearner(table, ablations_per_window=CONFIG.num_experts * 3)
+    ids = torch.arange(10)
+    with torch.no_grad(), model.routing_trace() as trace:
+        model(ids[None])
+    served = {(layer, int(e)) for layer, calls in trace.items() for e in calls[0][0][:9].unique()}
+    cells = {(layer, e) for layer, e, _ in learner.update(model, ids[:5], ids[5:], "code")["cells"]}
+    assert cells == served
+    assert len(served) < len(table.layers) * CONFIG.num_experts  # some expert served nothing
+
+
+def test_pooled_evidence_needs_the_context_to_agree():
+    # Expert 1 harms clearly when every context's ablations are pooled; in context "a"
+    # its own mean is positive (excluded there, with the pooled evidence), in "b" its own
+    # mean is negative (kept: the direction is each context's own).
+    table = TrustTable([0], ["a", "b", "c"], 4)
+    for context, values in (
+        ("a", (0.3, 0.1, 0.4)),
+        ("b", (0.1, -0.3, 0.1)),
+        ("c", (0.5, 0.6, 0.55, 0.45)),
+    ):
+        for v in values:
+            table.record_harm(0, context, 1, v)
+    own = {c: bool(table.harmful(0, c, pool_contexts=False)[1]) for c in "abc"}
+    pooled = {c: bool(table.harmful(0, c)[1]) for c in "abc"}
+    assert own == {"a": False, "b": False, "c": True}
+    assert pooled == {"a": True, "b": False, "c": True}
+    n, mean, _ = table.pooled_harm()
+    values = [0.3, 0.1, 0.4, 0.1, -0.3, 0.1, 0.5, 0.6, 0.55, 0.45]
+    assert int(n[0, 1]) == len(values)
+    assert float(mean[0, 1]) == pytest.approx(sum(values) / len(values), rel=1e-6)
+
+
+def test_harm_p_values_are_one_sided_t_tests():
+    table = TrustTable([0], ["c"], 3)
+    values = [0.2, -0.1, 0.35, 0.05]
+    for v in values:
+        table.record_harm(0, "c", 2, v)
+    table.record_harm(0, "c", 1, 5.0)  # one measurement: no test
+    want = scipy.stats.ttest_1samp(values, 0.0, alternative="greater").pvalue
+    p = table.harm_p_values()[0, 0]
+    assert float(p[2]) == pytest.approx(want, rel=1e-5)
+    assert float(p[1]) == 1.0 and float(p[0]) == 1.0
 
 
 def test_counterfactual_learning_finds_a_broken_expert_and_routes_around_it():

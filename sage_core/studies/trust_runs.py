@@ -69,7 +69,8 @@ class ArmSettings:
     """Hyperparameters of the learning arms, fixed before any evaluation seed was run."""
 
     ablations_per_window: int = 12
-    harm_alpha: float = 0.05  # exclude when the t bound at 1 - alpha / E is above 0
+    explore: float = 1.0  # the counterfactual arm's optimism (SEs) in choosing cells
+    harm_alpha: float = 0.05  # exclude at this false discovery rate (Benjamini-Hochberg)
     min_ablations: int = 3
     beta: float = 1.0  # routing_weighted
     learning_rate: float = 0.5  # routing_weighted
@@ -255,7 +256,7 @@ class Arms:
                 table = TrustTable.for_model(model, [POOLED] if pooled else CONTEXTS)
                 self.selectors[arm] = TrustSelector.for_model(model, table, rule="exclude", **top)
                 self.learners[arm] = CounterfactualLearner(
-                    table, s.ablations_per_window, s.harm_alpha
+                    table, s.ablations_per_window, s.harm_alpha, s.explore, s.min_ablations
                 )
             elif arm == "routing_weighted":
                 table = TrustTable.for_model(model, CONTEXTS)

@@ -23,6 +23,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -46,29 +48,29 @@ def continuation_nll(model, ids: torch.Tensor, prompt_tokens: int) -> torch.Tens
 
 
 class AblationSelector:
-    """Router top-k with one (layer, expert) removed per sequence of the batch.
+    """Router top-k with, per sequence of the batch, a set of experts removed per layer.
 
-    `cells[b]` is (layer, expert) for sequence b, or None for an unablated copy. In that
-    layer the expert's slots go to each token's next router choice; other layers and
-    other sequences are routed exactly as RouterTopK routes them."""
+    `masks` is {layer: (B, E) bool}: in that layer, sequence b's experts masks[layer][b]
+    are removed from every token's candidates and their slots go to each token's next
+    router choice; layers without a mask are routed exactly as RouterTopK routes them."""
 
-    def __init__(self, top_k: int, norm_topk_prob: bool, num_experts: int, cells):
+    def __init__(self, top_k: int, norm_topk_prob: bool, masks: dict, batch: int):
         self.top_k = top_k
         self.norm_topk_prob = norm_topk_prob
-        self.num_experts = num_experts
-        self.cells = list(cells)
+        self.masks = masks
+        self.batch = batch
 
     def __call__(self, router_logits, layer_idx, hidden_states):
-        B = len(self.cells)
+        B = self.batch
         if router_logits.shape[0] % B:
             raise ValueError(f"{router_logits.shape[0]} rows do not split into {B} sequences")
-        mask = torch.zeros(B, self.num_experts, dtype=torch.bool)
-        for b, cell in enumerate(self.cells):
-            if cell is not None and cell[0] == layer_idx:
-                mask[b, cell[1]] = True
         probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
-        rows = router_logits.shape[0] // B
-        mask = mask.to(probs.device).repeat_interleave(rows, 0) if mask.any() else None
+        mask = self.masks.get(layer_idx)
+        if mask is not None and mask.any():
+            rows = router_logits.shape[0] // B
+            mask = mask.to(probs.device).repeat_interleave(rows, 0)
+        else:
+            mask = None
         indices, weights = excluding_top_k(probs, mask, self.top_k, self.norm_topk_prob)
         return indices, weights.to(hidden_states.dtype)
 
@@ -76,73 +78,128 @@ class AblationSelector:
 class CounterfactualLearner:
     """Paired ablation evidence per (context, layer, expert); see the module docstring."""
 
-    def __init__(self, table: TrustTable, ablations_per_window: int = 16, alpha: float = 0.05):
+    def __init__(
+        self,
+        table: TrustTable,
+        ablations_per_window: int = 16,
+        alpha: float = 0.05,
+        explore: float = 2.0,
+        min_ablations: int = 3,
+    ):
         if not (isinstance(ablations_per_window, int) and ablations_per_window >= 1):
             raise ValueError(
                 f"ablations_per_window must be an int >= 1, got {ablations_per_window!r}"
             )
+        if not 0 < alpha < 1:
+            raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
         self.table = table
         self.ablations_per_window = ablations_per_window
         self.alpha = float(alpha)
+        self.explore = float(explore)
+        self.min_ablations = min_ablations
         self.sequence_forwards = 0  # sequences run forward (the stated cost)
 
-    def choose_cells(self, context: str) -> list[tuple[int, int]]:
-        """The cells to ablate in the next window of `context`: highest priority first, ties
-        to the lower layer, then the lower expert. Priority = the expert's share of its
-        layer's routing in this context so far (uniform before any) / sqrt(1 + ablations),
-        divided by 10 once its two-sided interval (the selector's bound, `alpha`) excludes
-        zero (decided cells are revisited rarely; undecided, much-used ones first)."""
+    def suspected(self, context: str) -> torch.Tensor:
+        """(L, E) bool: the cells of `context` whose mean harm is positive after at least
+        two ablations. Ablations are taken with these removed (see the module docstring)."""
         ci = self.table.context_pos(context)
-        usage = self.table.counts[:, ci]  # (L, E)
-        total = usage.sum(-1, keepdim=True)
-        share = torch.where(total > 0, usage / total.clamp_min(1), 1.0 / self.table.num_experts)
-        n = self.table.harm_count[:, ci]
-        mean = self.table.harm_mean[:, ci]
-        lower = self.table.harm_lower_bound(self.alpha)[:, ci]
-        upper = 2 * mean - lower  # the symmetric upper bound
-        decided = (n >= 2) & ((lower > 0) | (upper < 0))
-        priority = share / (1 + n).sqrt() * torch.where(decided, 0.1, 1.0)
-        order = sorted(
-            (-float(priority[li, e]), li, e)
-            for li in range(len(self.table.layers))
-            for e in range(self.table.num_experts)
+        return (self.table.harm_count[:, ci] >= 2) & (self.table.harm_mean[:, ci] > 0)
+
+    def choose_cells(self, context: str, candidates: torch.Tensor) -> list[tuple[int, int]]:
+        """At most `ablations_per_window` of the `candidates` ((L, E) bool) cells of
+        `context` to ablate in its next window. Cells already shown harmful (`harmful`,
+        what the selector excludes) come last. The others are ranked by an optimistic
+        index, as in LUCB: mean + explore * SE of this context's measurements, or of all
+        contexts' pooled, whichever is larger (an expert that harms in one context is
+        worth a look in the others; whether it is excluded there is still decided by that
+        context's own evidence). A cell measured fewer than twice takes the median spread
+        of the context's measured cells as its SD (+inf before there is one), and its
+        mean as 0 before any measurement. Ties: the more used expert, then the lower
+        layer and expert."""
+        table, ci = self.table, self.table.context_pos(context)
+        own = (table.harm_count[:, ci].double(), table.harm_mean[:, ci].double())
+        own = (*own, table.harm_m2[:, ci].double())  # count, mean, m2: (L, E) each
+        n, _, m2 = own
+        measured = (m2 / (n - 1).clamp_min(1)).sqrt()[n >= 2]
+        spread = float(measured.median()) if measured.numel() else math.inf
+        optimistic = torch.maximum(
+            self._optimistic(*own, spread), self._optimistic(*table.pooled_harm(), spread)
         )
-        return [(self.table.layers[li], e) for _, li, e in order[: self.ablations_per_window]]
+        decided = torch.stack(
+            [
+                table.harmful(layer, context, self.alpha, self.min_ablations)
+                for layer in table.layers
+            ]
+        )
+        usage = table.counts[:, ci]
+        order = sorted(
+            (bool(decided[li, e]), -float(optimistic[li, e]), -float(usage[li, e]), layer, e)
+            for li, layer in enumerate(table.layers)
+            for e in range(table.num_experts)
+            if candidates[li, e]
+        )
+        return [(layer, e) for *_, layer, e in order[: self.ablations_per_window]]
+
+    def _optimistic(self, n, mean, m2, spread: float) -> torch.Tensor:
+        """mean + explore * SE for (L, E) float64 count, mean and m2; a cell with fewer
+        than two measurements takes `spread` as its SD, and mean 0 before any."""
+        sd = (m2 / (n - 1).clamp_min(1)).sqrt()
+        se = torch.where(n >= 2, sd, torch.full_like(sd, spread)) / n.clamp_min(1).sqrt()
+        return torch.where(n > 0, mean, 0.0) + self.explore * se
 
     @torch.no_grad()
     def update(self, model, prompt: torch.Tensor, continuation: torch.Tensor, context: str):
-        """One batched forward of the window: an unablated copy and one copy per chosen
-        cell. Records each cell's harm (unablated minus ablated mean NLL) and the
-        unablated copy's routing as usage. Returns {"cells": [(layer, expert, harm)],
-        "mean_nll": the window's NLL with the router}."""
+        """A base pass of the window with the suspected cells removed (its NLL, and which
+        experts served it), then one batched forward with one copy per chosen cell, in
+        which that cell is toggled: removed if it was in, put back if it was suspected.
+        Records each cell's harm (NLL with the expert minus NLL without it, per scored
+        token) and the base routing as usage. Every next-token prediction of the window
+        is scored, prompt included: the evidence is the text, not the prompt/continuation
+        split. Returns {"cells": [(layer, expert, harm)], "mean_nll": the base NLL}."""
         ci = self.table.context_pos(context)
         missing = set(self.table.layers) - set(model.sparse_blocks())
         if missing:
             raise ValueError(f"the model has no sparse layer for trusted layers {sorted(missing)}")
         device = model.model.embed_tokens.weight.device
         ids = torch.cat([prompt, continuation]).to(device)[None]
-        S, P, E = ids.shape[1], prompt.numel(), self.table.num_experts
-        cells = self.choose_cells(context)
+        S, E, layers = ids.shape[1], self.table.num_experts, self.table.layers
         c = model.config
-        model.set_selector(
-            AblationSelector(c.num_experts_per_tok, c.norm_topk_prob, E, [None, *cells])
-        )
+        removed = self.suspected(context)  # (L, E)
+        base_masks = {layer: removed[li][None] for li, layer in enumerate(layers)}  # (1, E)
+        model.set_selector(AblationSelector(c.num_experts_per_tok, c.norm_topk_prob, base_masks, 1))
         try:
             with model.routing_trace() as trace:
-                nll = continuation_nll(model, ids.expand(len(cells) + 1, -1), P).cpu()
+                base = continuation_nll(model, ids, 1).cpu()  # (1, S - 1)
         finally:
             model.set_selector(None)
-        self.sequence_forwards += len(cells) + 1
+        served = torch.zeros(len(layers), E, dtype=torch.bool)
         for layer, calls in trace.items():
             if layer in self.table._layer_pos:
-                # the unablated copy's positions 0 .. S-2: the ones that feed scored logits
-                served = torch.bincount(calls[0][0][: S - 1].reshape(-1), minlength=E)
-                self.table.counts[self.table.layer_pos(layer), ci] += served.float()
+                # positions 0 .. S-2: the ones that feed scored logits
+                used = torch.bincount(calls[0][0][: S - 1].reshape(-1).cpu(), minlength=E)
+                self.table.counts[self.table.layer_pos(layer), ci] += used.float()
+                served[self.table.layer_pos(layer)] = used > 0
         self.table.updates[ci] += 1
-        reference = nll[0].mean().double()
+        cells = self.choose_cells(context, served | removed)
+        self.sequence_forwards += 1 + len(cells)
+        reference = base[0].mean().double()
         recorded = []
-        for b, (layer, e) in enumerate(cells, start=1):
-            harm = float(reference - nll[b].mean().double())
+        if not cells:
+            return {"cells": recorded, "mean_nll": float(reference)}
+        masks = {layer: removed[li][None].repeat(len(cells), 1) for li, layer in enumerate(layers)}
+        for b, (layer, e) in enumerate(cells):  # (B, E) per layer: copy b toggles its cell
+            masks[layer][b, e] = ~masks[layer][b, e]
+        model.set_selector(
+            AblationSelector(c.num_experts_per_tok, c.norm_topk_prob, masks, len(cells))
+        )
+        try:
+            nll = continuation_nll(model, ids.expand(len(cells), -1), 1).cpu()  # (B, S - 1)
+        finally:
+            model.set_selector(None)
+        for b, (layer, e) in enumerate(cells):
+            without = bool(masks[layer][b, e])
+            change = float(nll[b].mean().double() - reference)  # copy minus base
+            harm = -change if without else change  # NLL with the expert minus without it
             self.table.record_harm(layer, context, e, harm)
             recorded.append((layer, e, harm))
         return {"cells": recorded, "mean_nll": float(reference)}

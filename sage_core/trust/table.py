@@ -34,9 +34,8 @@ SCHEMA_VERSION = 2  # 2: counterfactual harm statistics (harm_mean, harm_m2, har
 KIND = "sage_core.TrustTable"
 RULES = ("exclude", "bias", "report")
 REPORT_PRIOR = 0.5  # the report's neutral trust (its reputation default), on a 0..1 scale
-# An expert is excluded when the one-sided lower bound of its mean harm, at level
-# 1 - alpha / E (Bonferroni over a layer's E experts) with Student's t on n - 1 degrees of
-# freedom, is above zero.
+# An expert is excluded when its one-sided t test of "mean harm > 0" survives the
+# Benjamini-Hochberg procedure at false discovery rate alpha over its layer's E experts.
 DEFAULT_HARM_ALPHA = 0.05
 DEFAULT_MIN_ABLATIONS = 3
 _TENSORS = ("trust", "counts", "updates", "harm_mean", "harm_m2", "harm_count")
@@ -158,18 +157,63 @@ class TrustTable:
         lower = self.harm_mean - torch.from_numpy(quantile) * self.harm_standard_error()
         return torch.where(self.harm_count >= 2, lower, torch.full_like(lower, -math.inf))
 
+    def pooled_harm(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(count, mean, m2), each (L, E) float64: every context's ablations of a (layer,
+        expert) merged into one sample (Chan et al.'s parallel form of Welford's update)."""
+        n = self.harm_count.double()
+        total = n.sum(1)
+        mean = (n * self.harm_mean.double()).sum(1) / total.clamp_min(1)
+        m2 = (self.harm_m2.double() + n * (self.harm_mean.double() - mean[:, None]) ** 2).sum(1)
+        return total, mean, m2
+
+    @staticmethod
+    def _one_sided_p(n, mean, m2) -> torch.Tensor:
+        se = (m2 / (n - 1).clamp_min(1) / n.clamp_min(1)).sqrt()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = torch.where(se > 0, mean / se, torch.where(mean > 0, math.inf, -math.inf))
+        p = torch.from_numpy(scipy.stats.t.sf(t.numpy(), np.maximum(n.numpy(), 2) - 1))
+        return torch.where(n >= 2, p, torch.ones_like(n))
+
+    def harm_p_values(self) -> torch.Tensor:
+        """(L, C, E) float64 one-sided p-values of "mean harm > 0" (Student's t on n - 1
+        degrees of freedom); 1 below 2 ablations. Identical measurements (SE 0) give 0
+        when their mean is positive, else 1."""
+        return self._one_sided_p(
+            self.harm_count.double(), self.harm_mean.double(), self.harm_m2.double()
+        )
+
     def harmful(
         self,
         layer_idx: int,
         context: str,
         alpha: float = DEFAULT_HARM_ALPHA,
         min_count: int = 2,
+        pool_contexts: bool = True,
     ) -> torch.Tensor:
-        """(E,) bool: experts whose harm has a lower confidence bound above zero, measured
-        at least `min_count` (>= 2) times in this (layer, context)."""
+        """(E,) bool: experts shown harmful in this (layer, context), measured at least
+        `min_count` (>= 2) times in it. Shown harmful: the Benjamini-Hochberg procedure at
+        false discovery rate `alpha` over the layer's E one-sided p-values
+        (`harm_p_values`; an expert measured fewer times counts as p = 1) selects it;
+        equivalently its one-sided t lower bound at level 1 - alpha * R / E is above zero,
+        R the number selected (false-coverage-rate adjusted bounds). With
+        `pool_contexts`, an expert is also shown harmful in this context when the same
+        procedure on every context's ablations pooled (`pooled_harm`) selects it and this
+        context's own mean harm is positive: evidence is shared across contexts, the
+        direction is this context's own."""
+        if not 0 < alpha < 1:
+            raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
         li, ci = self.layer_pos(layer_idx), self.context_pos(context)
-        lower = self.harm_lower_bound(alpha)[li, ci]
-        return (lower > 0) & (self.harm_count[li, ci] >= max(2, min_count))
+        enough = self.harm_count[li, ci] >= max(2, min_count)
+        p = torch.where(enough, self.harm_p_values()[li, ci], torch.ones(self.num_experts).double())
+        adjusted = torch.from_numpy(scipy.stats.false_discovery_control(p.numpy(), method="bh"))
+        out = enough & (adjusted <= alpha)
+        if pool_contexts and len(self.contexts) > 1:
+            n, mean, m2 = (x[li] for x in self.pooled_harm())
+            p = torch.where(n >= max(2, min_count), self._one_sided_p(n, mean, m2), 1.0)
+            adjusted = scipy.stats.false_discovery_control(p.numpy(), method="bh")
+            pooled = torch.from_numpy(adjusted) <= alpha
+            out |= pooled & enough & (self.harm_mean[li, ci] > 0)
+        return out
 
     def credit(
         self,
