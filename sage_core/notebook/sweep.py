@@ -1,6 +1,6 @@
 """Parameter sweeps: notebooks x a parameter grid, one papermill run per combination, on Dask.
 
-A sweep expands a grid (`-p seed 0..3 -p num_corrupted 1,2,4`, or a JSON/YAML grid file) into
+A sweep expands a grid (`-p seed 0..3 -p num_windows 96,192`, or a JSON/YAML grid file) into
 combinations, names each by a stable hash of (notebook, parameters, commit), and hands every
 combination that has not already finished to a Dask distributed cluster: a local one by default
 (one single-threaded worker per core, or one per GPU), or the user's, given by address or by

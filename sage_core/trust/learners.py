@@ -1,20 +1,27 @@
 """Learners that fill a trust table from real text, and the learned-bias baseline.
 
 - `CounterfactualLearner` (the default): evidence about an expert is what happens when it
-  is removed. For one training window (a prompt and its real continuation) in context c,
-  the window is scored once with the router (the "base" pass, which also says which
-  experts served its tokens); then a few (layer, expert) cells are ablated, one per
-  sequence of one batched forward that also holds an unablated copy: in the ablated copy
-  the expert is removed from every token that chose it in that layer and its slot goes to
-  the router's next choice (k experts per token, as the model was trained; renormalising
-  the remaining k - 1 weights would also change how much of the token the other experts
-  write). The paired change of the window's mean continuation NLL, unablated minus
-  ablated, is one measurement of the cell's harm; `TrustTable.record_harm` keeps its
-  running mean, count and standard error. Both passes use the router, not the current
-  trust: the estimate has a fixed target. Cells are chosen before the window by
-  usage-weighted uncertainty (`choose_cells`); a cell whose expert served no token of the
-  window is a measurement of exactly zero, which is its true effect there. Cost per
-  window: one batched forward of `ablations_per_window + 1` sequences.
+  is removed. For one training window of real text in context c, the window is scored
+  once (the "base" pass, which also says which experts served its tokens); then a few
+  (layer, expert) cells are toggled, one per sequence of one batched forward. Removing an
+  expert gives its slot to each token's next router choice (k experts per token, as the
+  model was trained; renormalising the remaining k - 1 weights would also change how much
+  of the token the other experts write). A cell's harm is the window's mean NLL with the
+  expert minus without it, over every next-token prediction of the window;
+  `TrustTable.record_harm` keeps its running mean, count and standard error.
+  Three choices make the evidence strong enough to act on:
+  * the base pass removes the cells *suspected* in c (positive mean harm after two or
+    more ablations), and a suspected cell is measured by putting it back. Broken experts
+    hide each other: with several broken in a layer, removing one hands its slot to
+    another, and with the residual stream already damaged one repair shows little. So
+    each expert is measured against the others that are probably broken already removed;
+  * cells are chosen after the base pass among the experts that served the window (an
+    expert that served nothing has no effect to measure) by an optimistic index, as in
+    LUCB (`choose_cells`), so ablations go where harm is still plausible;
+  * exploration and the exclusion test borrow strength across contexts
+    (`TrustTable.pooled_harm`), while the direction is each context's own.
+  Both passes use the router plus the suspected removals, never the selector's trust.
+  Cost per window: one base sequence and `ablations_per_window` ablated sequences.
 - `TrustLearner` (in `table.py`) is the routing-weighted rule kept as a comparison arm.
 - `LearnedBiasSelector` + `LearnedBiasLearner`: a per-(context, layer, expert) bias added
   to the router logits, fitted by gradient descent (Adam) on the same windows' NLL with an
@@ -81,9 +88,9 @@ class CounterfactualLearner:
     def __init__(
         self,
         table: TrustTable,
-        ablations_per_window: int = 16,
+        ablations_per_window: int = 12,
         alpha: float = 0.05,
-        explore: float = 2.0,
+        explore: float = 1.0,
         min_ablations: int = 3,
     ):
         if not (isinstance(ablations_per_window, int) and ablations_per_window >= 1):

@@ -48,9 +48,9 @@ class TrustTable:
     counts  (L, C, E) float32: tokens routed to the expert in credited generations.
     updates (C,) float32: generations credited per context.
     harm_mean, harm_m2, harm_count (L, C, E) float32: counterfactual evidence, a running
-            mean (Welford) of the paired per-token NLL change when the expert is removed
-            from the tokens it served (positive: removing it helps, the expert harms),
-            the sum of squared deviations, and the number of ablations recorded.
+            mean (Welford) of the paired per-token NLL change, with the expert minus
+            without it, in windows it served (positive: the expert harms), the sum of
+            squared deviations, and the number of ablations recorded.
 
     `layers` are the model's original sparse-layer indices (a selective model keeps them);
     `contexts` are names. `config_hash` is `ThinkerTextConfig.config_hash()` of the model
@@ -204,11 +204,12 @@ class TrustTable:
             raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
         li, ci = self.layer_pos(layer_idx), self.context_pos(context)
         enough = self.harm_count[li, ci] >= max(2, min_count)
-        p = torch.where(enough, self.harm_p_values()[li, ci], torch.ones(self.num_experts).double())
+        own = (self.harm_count[li, ci], self.harm_mean[li, ci], self.harm_m2[li, ci])
+        p = torch.where(enough, self._one_sided_p(*(x.double() for x in own)), 1.0)
         adjusted = torch.from_numpy(scipy.stats.false_discovery_control(p.numpy(), method="bh"))
         out = enough & (adjusted <= alpha)
         if pool_contexts and len(self.contexts) > 1:
-            n, mean, m2 = (x[li] for x in self.pooled_harm())
+            n, mean, m2 = (x[li] for x in self.pooled_harm())  # (E,) each
             p = torch.where(n >= max(2, min_count), self._one_sided_p(n, mean, m2), 1.0)
             adjusted = scipy.stats.false_discovery_control(p.numpy(), method="bh")
             pooled = torch.from_numpy(adjusted) <= alpha
