@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.numpy import save as safetensors_save
 from sklearn.cluster import MiniBatchKMeans
+from sklearn.linear_model import LogisticRegression
 
 from sage_core.trust.classifier import (
     ClassifierStateError,
@@ -156,7 +157,7 @@ def test_labels_are_never_silently_ignored(data):
 
 def test_bad_construction_and_unfitted_use():
     with pytest.raises(ValueError, match="mode"):
-        ContextClassifier(CONTEXTS, mode="logistic")
+        ContextClassifier(CONTEXTS, mode="svm")
     with pytest.raises(ValueError, match="distinct names"):
         ContextClassifier(CONTEXTS, ["a", "a", "b", "c"])
     with pytest.raises(ValueError, match="not fitted"):
@@ -166,6 +167,81 @@ def test_bad_construction_and_unfitted_use():
 def test_predict_rejects_wrong_hidden_size(fitted):
     with pytest.raises(ValueError, match="hidden size 8 does not match the fitted 16"):
         fitted.predict(torch.randn(2, 8))
+
+
+# ---------------------------------------------------------------- logistic mode
+
+
+@pytest.fixture(scope="module")
+def logistic(data):
+    x, y, _, _ = data
+    return ContextClassifier(CONTEXTS, NAMES, mode="logistic", seed=0).fit(x, y)
+
+
+def test_logistic_fits_separable_contexts_and_fails_on_shuffled_labels(data, logistic):
+    x, y, x_test, y_test = data
+    assert logistic.coef_.dtype == np.float32 and logistic.coef_.shape == (CONTEXTS, HIDDEN)
+    assert logistic.intercept_.dtype == np.float32 and logistic.intercept_.shape == (CONTEXTS,)
+    assert logistic.centers_ is None
+    assert logistic.score(x_test, y_test) >= 0.95  # chance is 0.25
+    shuffled = y[torch.randperm(y.numel(), generator=torch.Generator().manual_seed(3))]
+    assert not torch.equal(shuffled, y)
+    blind = ContextClassifier(CONTEXTS, NAMES, mode="logistic", seed=0).fit(x, shuffled)
+    assert blind.score(x_test, y_test) < 0.7
+
+
+def test_logistic_matches_sklearn_on_float32_features(data, logistic):
+    from sage_core.trust.classifier import LOGISTIC_C, LOGISTIC_MAX_ITER, LOGISTIC_TOL
+
+    x, y, x_test, _ = data
+    reference = LogisticRegression(
+        C=LOGISTIC_C, tol=LOGISTIC_TOL, max_iter=LOGISTIC_MAX_ITER, random_state=0
+    ).fit(features(x), y.numpy())
+    np.testing.assert_allclose(logistic.coef_, reference.coef_, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(logistic.predict(x_test), reference.predict(features(x_test)))
+    scores = logistic.decision_function(x_test)
+    assert scores.dtype == np.float32
+    np.testing.assert_array_equal(scores.argmax(axis=1), logistic.predict(x_test))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda t: t.to(torch.bfloat16), lambda t: t.to(torch.float64), lambda t: t.numpy()],
+)
+def test_logistic_is_float32_whatever_the_input_dtype(data, make):
+    x, y, x_test, _ = data
+    classifier = ContextClassifier(CONTEXTS, mode="logistic").fit(make(x), y)
+    assert classifier.coef_.dtype == np.float32 and classifier.intercept_.dtype == np.float32
+    assert classifier.predict(make(x_test)).dtype == np.int64
+    assert classifier.decision_function(make(x_test)).dtype == np.float32
+
+
+def test_logistic_is_deterministic_and_uses_labels(data, logistic):
+    x, y, _, _ = data
+    again = ContextClassifier(CONTEXTS, NAMES, mode="logistic", seed=0).fit(x, y)
+    np.testing.assert_array_equal(again.coef_, logistic.coef_)
+    np.testing.assert_array_equal(again.intercept_, logistic.intercept_)
+    permutation = torch.tensor([1, 2, 3, 0])
+    relabelled = ContextClassifier(CONTEXTS, mode="logistic").fit(x, permutation[y])
+    np.testing.assert_allclose(
+        relabelled.coef_[permutation.numpy()], logistic.coef_, rtol=1e-4, atol=1e-5
+    )
+    with pytest.raises(ValueError, match="mode='logistic' needs labels"):
+        ContextClassifier(CONTEXTS, mode="logistic").fit(x)
+    with pytest.raises(ValueError, match="no sample for contexts"):
+        ContextClassifier(CONTEXTS, NAMES, mode="logistic").fit(x, torch.zeros_like(y))
+    with pytest.raises(ValueError, match="not fitted"):
+        ContextClassifier(CONTEXTS, mode="logistic").predict(x)
+    with pytest.raises(ValueError, match="hidden size 8 does not match the fitted 16"):
+        logistic.predict(torch.randn(2, 8))
+
+
+def test_logistic_with_two_contexts_predicts_like_sklearn():
+    x, y = gaussian_contexts(2, per_context=30, hidden_size=HIDDEN, spread=1.5, seed=4)
+    classifier = ContextClassifier(2, mode="logistic").fit(x[:40], y[:40])
+    assert classifier.coef_.shape == (2, HIDDEN)
+    reference = LogisticRegression(tol=1e-6, max_iter=1000).fit(features(x[:40]), y[:40].numpy())
+    np.testing.assert_array_equal(classifier.predict(x[40:]), reference.predict(features(x[40:])))
 
 
 # ---------------------------------------------------------------- persistence
@@ -180,6 +256,48 @@ def test_round_trip_gives_identical_predictions(tmp_path, data, fitted):
     np.testing.assert_array_equal(loaded.predict(x_test), fitted.predict(x_test))
     assert loaded.predict_names(x_test) == fitted.predict_names(x_test)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["classifier.safetensors"]
+
+
+def test_logistic_round_trip_is_exact(tmp_path, data, logistic):
+    x_test = data[2]
+    path = logistic.save(tmp_path / "logistic.safetensors")
+    loaded = ContextClassifier.load(path)
+    assert (loaded.mode, loaded.context_names, loaded.seed) == ("logistic", NAMES, 0)
+    np.testing.assert_array_equal(loaded.coef_, logistic.coef_)
+    np.testing.assert_array_equal(loaded.intercept_, logistic.intercept_)
+    np.testing.assert_array_equal(
+        loaded.decision_function(x_test), logistic.decision_function(x_test)
+    )
+    np.testing.assert_array_equal(loaded.predict(x_test), logistic.predict(x_test))
+    header, _ = _header(path)
+    assert sorted(k for k in header if k != "__metadata__") == ["coef", "intercept"]
+    assert header["__metadata__"]["C"] == "1.0"
+
+
+def test_logistic_file_with_wrong_tensors_is_refused(tmp_path, logistic):
+    from sage_core.trust.classifier import KIND, SCHEMA_VERSION
+    from sage_core.trust.state import save_state
+
+    path = tmp_path / "c.safetensors"
+    meta = {"mode": "logistic", "seed": "0", "context_names": json.dumps(NAMES)}
+    save_state(path, KIND, SCHEMA_VERSION, {"centers": torch.from_numpy(logistic.coef_)}, meta)
+    with pytest.raises(ClassifierStateError, match=rf"{path}.*\['coef', 'intercept'\]"):
+        ContextClassifier.load(path)
+    tensors = {"coef": torch.from_numpy(logistic.coef_), "intercept": torch.zeros(3)}
+    save_state(path, KIND, SCHEMA_VERSION, tensors, meta)
+    with pytest.raises(ClassifierStateError, match=rf"{path}.*'intercept' must have shape"):
+        ContextClassifier.load(path)
+
+
+def test_schema_2_files_are_refused_by_name(tmp_path, fitted):
+    from sage_core.trust.classifier import KIND
+    from sage_core.trust.state import save_state
+
+    path = tmp_path / "schema2.safetensors"  # exactly what the previous version wrote
+    meta = {"mode": "supervised", "seed": "0", "context_names": json.dumps(NAMES)}
+    save_state(path, KIND, 2, {"centers": torch.from_numpy(fitted.centers_)}, meta)
+    with pytest.raises(ClassifierStateError, match=f"{path}.*schema_version '2'"):
+        ContextClassifier.load(path)
 
 
 def test_atomic_write_replaces_and_leaves_no_temp_files(tmp_path, data, fitted):

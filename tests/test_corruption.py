@@ -194,6 +194,7 @@ def test_choose_features_picks_the_best_mean_validation_accuracy():
     chosen = trust_runs.choose_features(rows)
     assert (chosen["features"], chosen["mode"]) == ("moe_in_1", "supervised")
     assert chosen["heldout"] == pytest.approx(0.8)
+    assert chosen["heldout_by_seed"] == [0.7, 0.9] and "heldout_confusion" not in chosen
 
 
 def test_pooled_features_by_layer_match_the_classifier_features_at_each_block():
@@ -202,7 +203,11 @@ def test_pooled_features_by_layer_match_the_classifier_features_at_each_block():
     model = tiny_model()
     stream = windows(1)
     got = trust_runs.pooled_features_by_layer(model, stream)
-    assert sorted(got) == ["moe_in_0", "moe_in_1"]
+    assert list(got) == ["moe_in_0", "moe_in_1", "moe_in_all"]
+    assert all(v.dtype == np.float32 for v in got.values())
+    np.testing.assert_array_equal(
+        got["moe_in_all"], np.concatenate([got["moe_in_0"], got["moe_in_1"]], axis=1)
+    )
     captured = []
     handle = model.sparse_blocks()[1].register_forward_pre_hook(
         lambda module, args: captured.append(args[0])
@@ -210,3 +215,62 @@ def test_pooled_features_by_layer_match_the_classifier_features_at_each_block():
     model.hidden_states(stream[2].prompt[None])
     handle.remove()
     assert np.allclose(got["moe_in_1"][2], features(captured[0].detach())[0], atol=1e-5)
+
+
+def test_classifier_validation_fits_on_fit_prompts_and_scores_every_mode(monkeypatch):
+    """On windows whose tokens depend on the context, every (features, mode) row has its
+    accuracies and a held-out confusion matrix; fit prompts come from `fit_per_context`."""
+    calls = []
+
+    seen = {}
+
+    class FakeCorpus:
+        def documents(self, context, split):
+            return [f"{context}/{split}/{i}" for i in range(10)]
+
+    def fake_samples(tokenizer, split, per_context, prompt_tokens, seed, stream, corpus, **kw):
+        calls.append((split, stream, per_context))
+        seen[stream] = set(corpus.documents("code", split))
+        gen = torch.Generator().manual_seed(100 * seed + len(calls))
+        out = []
+        for i in range(per_context):
+            for c, context in enumerate(CONTEXTS):
+                low = c * CONFIG.vocab_size // len(CONTEXTS)
+                ids = torch.randint(low, low + 8, (prompt_tokens + 1,), generator=gen)
+                out.append(Sample(context, split, i, 0, ids[:prompt_tokens], ids[prompt_tokens:]))
+        return out
+
+    monkeypatch.setattr(trust_runs, "load_corpus", FakeCorpus)
+    monkeypatch.setattr(trust_runs, "make_samples", fake_samples)
+    rows = trust_runs.classifier_validation(
+        tiny_model(), None, [0, 1], per_context=4, prompt_tokens=6, fit_per_context=10
+    )
+    assert sorted(set(calls)) == [
+        ("heldout", "eval", 4),
+        ("train", "classifier", 10),
+        ("train", "validation", 4),
+    ]
+    # Validation prompts come from training documents that no fit prompt comes from.
+    assert seen["validation"] == {"code/train/0", "code/train/5"}
+    assert seen["classifier"] == set(FakeCorpus().documents("code", "train")) - seen["validation"]
+    assert seen["eval"] == set(FakeCorpus().documents("code", "heldout"))
+    keys = {(r["features"], r["mode"]) for r in rows}
+    assert keys == {
+        (f, m)
+        for f in ("moe_in_0", "moe_in_1", "moe_in_all")
+        for m in ("supervised", "kmeans", "logistic")
+    }
+    assert len(rows) == 2 * len(keys)
+    for r in rows:
+        confusion = np.array(r["heldout_confusion"])
+        assert confusion.shape == (3, 3) and confusion.sum(axis=1).tolist() == [4, 4, 4]
+        assert r["heldout"] == pytest.approx(np.trace(confusion) / 12)
+    chosen = trust_runs.choose_features(rows)
+    assert chosen["validation"] == max(
+        np.mean([r["validation"] for r in rows if (r["features"], r["mode"]) == k]) for k in keys
+    )
+    mine = [r for r in rows if (r["features"], r["mode"]) == (chosen["features"], chosen["mode"])]
+    assert chosen["heldout_by_seed"] == [r["heldout"] for r in mine]
+    assert np.array(chosen["heldout_confusion"]).sum() == 24
+    logistic = [r for r in rows if r["mode"] == "logistic" and r["features"] == "moe_in_all"]
+    assert np.mean([r["heldout"] for r in logistic]) >= 0.9  # the contexts are separable

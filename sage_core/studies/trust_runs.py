@@ -581,7 +581,8 @@ def arm_summary(rows: list[dict], reference: str = "router", context: str = "all
 def pooled_features_by_layer(model, windows: list[Sample]) -> dict[str, np.ndarray]:
     """{"moe_in_<layer>": (N, H) float32 features of each window's prompt: the hidden
     states entering that sparse layer's MoE block, mean-pooled and L2-normalised (the
-    classifier's `features`)}, from one batched forward (prompts of one length)."""
+    classifier's `features`)}, plus "moe_in_all": those of every sparse layer side by side
+    (N, layers * H), from one batched forward (prompts of one length)."""
     from sage_core.trust.classifier import features
 
     blocks = model.sparse_blocks()
@@ -599,28 +600,66 @@ def pooled_features_by_layer(model, windows: list[Sample]) -> dict[str, np.ndarr
     finally:
         for handle in handles:
             handle.remove()
-    return dict(sorted(captured.items()))
+    out = {f"moe_in_{layer}": captured[f"moe_in_{layer}"] for layer in sorted(blocks)}
+    out["moe_in_all"] = np.concatenate(list(out.values()), axis=1)
+    return out
 
 
-def classifier_validation(model, tokenizer, seeds, per_context: int = 12, prompt_tokens=32):
-    """Per seed and feature choice (which layer's MoE input; supervised centroids or
-    k-means): accuracy on validation prompts (training split, another stream) and on
-    held-out prompts. Returns one row per (seed, features, mode)."""
+def classifier_validation(
+    model,
+    tokenizer,
+    seeds,
+    per_context: int = 12,
+    prompt_tokens=32,
+    fit_per_context: int = 96,
+    modes=("supervised", "kmeans", "logistic"),
+):
+    """Per seed and feature choice (which layer's MoE input, or all of them side by side;
+    supervised centroids, k-means or logistic regression): fitted on `fit_per_context`
+    training-split prompts per context, then accuracy on `per_context` validation prompts
+    per context (training split, from documents no fit prompt comes from: every fifth
+    document is kept for validation, so validation does not reward memorised documents)
+    and on `per_context` held-out prompts per context. Returns one row per (seed, features, mode), with the held-out confusion
+    matrix (rows: true context, columns: predicted, in `CONTEXTS` order)."""
     from sage_core.trust.classifier import ContextClassifier
 
     corpus = load_corpus()
-    kw = {"prompt_tokens": prompt_tokens, "continuation_tokens": 1, "corpus": corpus}
+
+    class TrainDocuments:  # the training split's documents i % 5 == 0 (validation) or not (fit)
+        def __init__(self, validation: bool):
+            self.validation = validation
+
+        def documents(self, context, split):
+            docs = corpus.documents(context, split)
+            if split != "train":
+                return docs
+            return [d for i, d in enumerate(docs) if (i % 5 == 0) == self.validation]
+
+    kw = {"prompt_tokens": prompt_tokens, "continuation_tokens": 1}
+    k = len(CONTEXTS)
     rows = []
     for seed in seeds:
         parts = {
             "fit": make_samples(
-                tokenizer, "train", per_context, seed=seed, stream="classifier", **kw
+                tokenizer,
+                "train",
+                fit_per_context,
+                seed=seed,
+                stream="classifier",
+                corpus=TrainDocuments(validation=False),
+                **kw,
             ),
             "validation": make_samples(
-                tokenizer, "train", per_context, seed=seed, stream="validation", **kw
+                tokenizer,
+                "train",
+                per_context,
+                seed=seed,
+                stream="validation",
+                corpus=TrainDocuments(validation=True),
+                **kw,
             ),
             "heldout": make_samples(
-                tokenizer, "heldout", per_context, seed=seed, stream="eval", **kw
+                tokenizer, "heldout", per_context, seed=seed, stream="eval", corpus=corpus, **kw
             ),
         }
         feats = {name: pooled_features_by_layer(model, w) for name, w in parts.items()}
@@ -628,45 +667,62 @@ def classifier_validation(model, tokenizer, seeds, per_context: int = 12, prompt
             name: np.array([CONTEXTS.index(s.context) for s in w]) for name, w in parts.items()
         }
         for key in feats["fit"]:
-            for mode in ("supervised", "kmeans"):
-                classifier = ContextClassifier(len(CONTEXTS), list(CONTEXTS), mode, seed)
-                if mode == "supervised":
-                    classifier.fit(feats["fit"][key], labels["fit"])
-                    names = list(range(len(CONTEXTS)))
-                else:  # a cluster is named after the majority label of its fit prompts
+            for mode in modes:
+                classifier = ContextClassifier(k, list(CONTEXTS), mode, seed)
+                if (
+                    mode == "kmeans"
+                ):  # a cluster is named after the majority label of its fit prompts
                     classifier.fit(feats["fit"][key])
                     clusters = classifier.predict(feats["fit"][key])
                     names = [
-                        int(np.bincount(labels["fit"][clusters == k], minlength=3).argmax())
-                        if (clusters == k).any()
-                        else k
-                        for k in range(len(CONTEXTS))
+                        int(np.bincount(labels["fit"][clusters == c], minlength=k).argmax())
+                        if (clusters == c).any()
+                        else c
+                        for c in range(k)
                     ]
-                accuracy = {
-                    part: float(
-                        np.mean(
-                            np.array(names)[classifier.predict(feats[part][key])] == labels[part]
-                        )
-                    )
+                else:
+                    classifier.fit(feats["fit"][key], labels["fit"])
+                    names = list(range(k))
+                predicted = {
+                    part: np.array(names)[classifier.predict(feats[part][key])]
                     for part in ("validation", "heldout")
                 }
-                rows.append({"seed": seed, "features": key, "mode": mode, **accuracy})
+                accuracy = {
+                    part: float(np.mean(predicted[part] == labels[part]))
+                    for part in ("validation", "heldout")
+                }
+                confusion = np.zeros((k, k), dtype=np.int64)
+                np.add.at(confusion, (labels["heldout"], predicted["heldout"]), 1)
+                rows.append(
+                    {
+                        "seed": seed,
+                        "features": key,
+                        "mode": mode,
+                        **accuracy,
+                        "heldout_confusion": confusion.tolist(),
+                    }
+                )
     return rows
 
 
 def choose_features(rows: list[dict]) -> dict:
     """The (features, mode) with the highest mean validation accuracy over seeds (ties:
-    the earlier row), with its mean validation and held-out accuracy."""
+    the earlier row), with its mean validation and held-out accuracy, its per-seed held-out
+    accuracies ("heldout_by_seed") and, where the rows carry them, its held-out confusion
+    counts summed over seeds ("heldout_confusion": rows true, columns predicted)."""
     choices = list(dict.fromkeys((r["features"], r["mode"]) for r in rows))
     scored = []
     for features_, mode in choices:
         mine = [r for r in rows if (r["features"], r["mode"]) == (features_, mode)]
-        scored.append(
-            {
-                "features": features_,
-                "mode": mode,
-                "validation": float(np.mean([r["validation"] for r in mine])),
-                "heldout": float(np.mean([r["heldout"] for r in mine])),
-            }
-        )
+        entry = {
+            "features": features_,
+            "mode": mode,
+            "validation": float(np.mean([r["validation"] for r in mine])),
+            "heldout": float(np.mean([r["heldout"] for r in mine])),
+            "heldout_by_seed": [r["heldout"] for r in mine],
+        }
+        if all("heldout_confusion" in r for r in mine):
+            confusion = np.sum([r["heldout_confusion"] for r in mine], axis=0)
+            entry["heldout_confusion"] = confusion.astype(np.int64).tolist()
+        scored.append(entry)
     return max(scored, key=lambda r: r["validation"])
