@@ -1,6 +1,7 @@
 """Broken experts, the arms' shared loop, recovery and statistics (sage_core.studies.trust_runs,
 sage_core.studies.unreliable_experts)."""
 
+import json
 import math
 
 import numpy as np
@@ -10,7 +11,7 @@ from checkpoints import toy_config
 
 from sage_core.corpus import CONTEXTS
 from sage_core.model.thinker import Qwen3OmniThinker
-from sage_core.studies import trust_runs, unreliable_experts
+from sage_core.studies import experiments, trust_runs, unreliable_experts
 from sage_core.studies.experiments import Sample
 from sage_core.trust import TrustTable
 
@@ -274,3 +275,33 @@ def test_classifier_validation_fits_on_fit_prompts_and_scores_every_mode(monkeyp
     assert np.array(chosen["heldout_confusion"]).sum() == 24
     logistic = [r for r in rows if r["mode"] == "logistic" and r["features"] == "moe_in_all"]
     assert np.mean([r["heldout"] for r in logistic]) >= 0.9  # the contexts are separable
+
+
+def test_run_arms_records_do_not_depend_on_the_number_of_workers():
+    model, tokenizer, _ = experiments.load_model()
+    kwargs = dict(
+        arms=("router", "oracle", "counterfactual"),
+        settings=trust_runs.ArmSettings(ablations_per_window=2),
+        num_windows=3,
+        heldout_per_context=1,
+        prompt_tokens=8,
+        continuation_tokens=8,
+        breakage_spec={"m": 1, "pool": 4, "kind": "noise", "contexts": None},
+        show_progress=False,
+    )
+    before = state(model)
+    threads = torch.get_num_threads()
+    if threads != 1:
+        with pytest.raises(ValueError, match="set_num_threads"):
+            trust_runs.run_arms(model, tokenizer, [3, 4], workers=2, **kwargs)
+    torch.set_num_threads(1)
+    try:
+        serial = trust_runs.run_arms(model, tokenizer, [3, 4, 5], workers=1, **kwargs)
+        forked = trust_runs.run_arms(model, tokenizer, [3, 4, 5], workers=2, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+    assert json.dumps(serial, sort_keys=True) == json.dumps(forked, sort_keys=True)
+    assert [r["seed"] for r in forked["rows"]] == sorted(r["seed"] for r in forked["rows"])
+    assert all(torch.equal(v, before[k]) for k, v in state(model).items())
+    with pytest.raises(ValueError, match="workers"):
+        trust_runs.run_arms(model, tokenizer, [3, 4], workers=0, **kwargs)

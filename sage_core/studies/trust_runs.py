@@ -483,6 +483,72 @@ def relative_to_oracle(rows: list[dict], arm: str, context: str = "all", seeds=N
     ]
 
 
+def seed_records(
+    model,
+    tokenizer,
+    seed: int,
+    arms,
+    settings: ArmSettings,
+    num_windows: int,
+    heldout_per_context: int,
+    prompt_tokens: int,
+    continuation_tokens: int,
+    breakage_spec: dict | None,
+    corpus=None,
+) -> tuple[list[dict], list[dict]]:
+    """`run_seed`, reduced to plain records: (rows, exclusions) as `run_arms` returns them."""
+    out = run_seed(
+        model,
+        tokenizer,
+        seed,
+        arms,
+        settings,
+        num_windows,
+        heldout_per_context,
+        prompt_tokens,
+        continuation_tokens,
+        breakage_spec,
+        corpus,
+    )
+    breakage, exclusions = out["breakage"], []
+    for arm in out["arms"].arms:
+        if not arm.startswith("counterfactual"):
+            continue
+        selector = out["arms"].selectors[arm]
+        for context in CONTEXTS:
+            key = POOLED if arm == "counterfactual_context_free" else context
+            broken = breakage.broken_by_context().get(context, {}) if breakage else {}
+            excluded = excluded_experts(selector, key)
+            precision = (
+                precision_at_m(selector.table, key, broken, settings.harm_alpha)
+                if broken
+                else math.nan
+            )
+            for layer in selector.table.layers:
+                wrong = [e for e in excluded[layer] if e not in broken.get(layer, [])]
+                exclusions.append(
+                    {
+                        "seed": seed,
+                        "arm": arm,
+                        "context": context,
+                        "layer": layer,
+                        "excluded": excluded[layer],
+                        "broken": broken.get(layer, []),
+                        "false_exclusions": len(wrong),
+                        "precision_at_m": precision,
+                    }
+                )
+    return out["rows"], exclusions
+
+
+_FORKED: dict = {}  # what forked seed workers inherit: model, tokenizer, arguments
+
+
+def _forked_seed(seed: int) -> tuple[list[dict], list[dict]]:
+    model, tokenizer, kwargs = _FORKED["job"]
+    return seed_records(model, tokenizer, seed, **kwargs)
+
+
 def run_arms(
     model,
     tokenizer,
@@ -496,58 +562,62 @@ def run_arms(
     breakage_spec: dict | None = None,
     desc: str = "arms",
     show_progress: bool = True,
+    workers: int = 1,
 ) -> dict[str, list[dict]]:
     """`run_seed` for each seed. Returns {"rows": (seed, arm, context) perplexities and
     training passes, "exclusions": one row per (seed, arm, context, layer) with the experts
-    each counterfactual arm excludes, the broken ones and precision@m}."""
+    each counterfactual arm excludes, the broken ones and precision@m}.
+
+    workers > 1 runs seeds in that many forked processes (each with its own copy of the
+    model; torch must be single-threaded): every seed is computed from its own seed alone,
+    so the records are the same for any number of workers (tested); they are gathered in
+    seed order."""
     if len(seeds) < 2 or len(set(seeds)) != len(seeds):
         raise ValueError(f"need at least 2 distinct seeds, got {seeds}")
-    corpus = load_corpus()
-    rows, exclusions = [], []
-    for seed in progress(list(seeds), desc=desc, disable=not show_progress):
-        out = run_seed(
-            model,
-            tokenizer,
-            seed,
-            arms,
-            settings,
-            num_windows,
-            heldout_per_context,
-            prompt_tokens,
-            continuation_tokens,
-            breakage_spec,
-            corpus,
+    if not (isinstance(workers, int) and workers >= 1):
+        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+    if workers > 1 and torch.get_num_threads() != 1:
+        # A forked child of a multi-threaded OpenMP parent can hang, and records computed
+        # with other thread counts can differ in the last bits.
+        raise ValueError(
+            f"workers={workers} needs torch.set_num_threads(1) first "
+            f"(torch uses {torch.get_num_threads()} threads)"
         )
-        rows += out["rows"]
-        breakage = out["breakage"]
-        for arm in out["arms"].arms:
-            if not arm.startswith("counterfactual"):
-                continue
-            selector = out["arms"].selectors[arm]
-            for context in CONTEXTS:
-                key = POOLED if arm == "counterfactual_context_free" else context
-                broken = breakage.broken_by_context().get(context, {}) if breakage else {}
-                excluded = excluded_experts(selector, key)
-                precision = (
-                    precision_at_m(selector.table, key, broken, settings.harm_alpha)
-                    if broken
-                    else math.nan
-                )
-                for layer in selector.table.layers:
-                    wrong = [e for e in excluded[layer] if e not in broken.get(layer, [])]
-                    exclusions.append(
-                        {
-                            "seed": seed,
-                            "arm": arm,
-                            "context": context,
-                            "layer": layer,
-                            "excluded": excluded[layer],
-                            "broken": broken.get(layer, []),
-                            "false_exclusions": len(wrong),
-                            "precision_at_m": precision,
-                        }
-                    )
-    return {"rows": rows, "exclusions": exclusions}
+    kwargs = {
+        "arms": arms,
+        "settings": settings,
+        "num_windows": num_windows,
+        "heldout_per_context": heldout_per_context,
+        "prompt_tokens": prompt_tokens,
+        "continuation_tokens": continuation_tokens,
+        "breakage_spec": breakage_spec,
+        "corpus": load_corpus(),
+    }
+    seeds = list(seeds)
+    bar = progress(total=len(seeds), desc=desc, disable=not show_progress)
+    results = []
+    if workers == 1 or len(seeds) == 1:
+        for seed in seeds:
+            results.append(seed_records(model, tokenizer, seed, **kwargs))
+            bar.update(1)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        _FORKED["job"] = (model, tokenizer, kwargs)
+        try:
+            context = multiprocessing.get_context("fork")
+            with ProcessPoolExecutor(min(workers, len(seeds)), mp_context=context) as pool:
+                for result in pool.map(_forked_seed, seeds):
+                    results.append(result)
+                    bar.update(1)
+        finally:
+            _FORKED.clear()
+    bar.close()
+    return {
+        "rows": [r for rows, _ in results for r in rows],
+        "exclusions": [r for _, exclusions in results for r in exclusions],
+    }
 
 
 def arm_summary(rows: list[dict], reference: str = "router", context: str = "all") -> list[dict]:
