@@ -339,6 +339,17 @@ def teacher_forced_run(model, windows, contexts=None, trust=None) -> dict:
     return {"bits": np.asarray(bits), "misses": model.expert_cache.misses, "tokens": tokens}
 
 
+def bounded_cache_model(model_path, capacity: int, policy: str, device="cpu", dtype="float32"):
+    """A fresh model (eval mode) holding at most `capacity` experts under `policy`."""
+    return load_thinker(
+        resolve_model_path(model_path),
+        max_resident_experts=capacity,
+        cache_policy=policy,
+        device=device,
+        dtype=parse_dtype(dtype),
+    ).eval()
+
+
 def cache_aware_frontier(
     model_path, tokenizer, settings: FrontierSettings, device="cpu", dtype="float32"
 ) -> list[dict]:
@@ -358,13 +369,7 @@ def cache_aware_frontier(
         for s in settings.seeds
     }
     for seed, threshold in progress(work, desc="frontier"):
-        model = load_thinker(
-            resolve_model_path(model_path),
-            max_resident_experts=settings.capacity,
-            cache_policy=settings.policy,
-            device=device,
-            dtype=parse_dtype(dtype),
-        ).eval()
+        model = bounded_cache_model(model_path, settings.capacity, settings.policy, device, dtype)
         selector = CacheAwareSelector(model, threshold)
         model.set_selector(selector)
         run = teacher_forced_run(model, windows[seed])
@@ -486,13 +491,7 @@ def trust_and_cache(
             for w in heldout_windows(tokenizer, c, 1, settings.window_tokens, seed, corpus)
         ]
     for seed, arm in progress(work, desc="trust and cache"):
-        model = load_thinker(
-            resolve_model_path(model_path),
-            max_resident_experts=settings.capacity,
-            cache_policy=settings.policy,
-            device=device,
-            dtype=parse_dtype(dtype),
-        ).eval()
+        model = bounded_cache_model(model_path, settings.capacity, settings.policy, device, dtype)
         break_on_load(model, breakages[seed])
         cfg = model.config
         trust = None

@@ -483,33 +483,11 @@ def relative_to_oracle(rows: list[dict], arm: str, context: str = "all", seeds=N
     ]
 
 
-def seed_records(
-    model,
-    tokenizer,
-    seed: int,
-    arms,
-    settings: ArmSettings,
-    num_windows: int,
-    heldout_per_context: int,
-    prompt_tokens: int,
-    continuation_tokens: int,
-    breakage_spec: dict | None,
-    corpus=None,
-) -> tuple[list[dict], list[dict]]:
-    """`run_seed`, reduced to plain records: (rows, exclusions) as `run_arms` returns them."""
-    out = run_seed(
-        model,
-        tokenizer,
-        seed,
-        arms,
-        settings,
-        num_windows,
-        heldout_per_context,
-        prompt_tokens,
-        continuation_tokens,
-        breakage_spec,
-        corpus,
-    )
+def seed_records(model, tokenizer, seed: int, **kwargs) -> tuple[list[dict], list[dict]]:
+    """`run_seed` (same keyword arguments), reduced to plain records: (rows, exclusions)
+    as `run_arms` returns them."""
+    settings = kwargs["settings"]
+    out = run_seed(model, tokenizer, seed, **kwargs)
     breakage, exclusions = out["breakage"], []
     for arm in out["arms"].arms:
         if not arm.startswith("counterfactual"):
