@@ -569,3 +569,19 @@ def test_harm_statistics_survive_save_and_load(tmp_path):
     for name in ("harm_mean", "harm_m2", "harm_count"):
         assert torch.equal(getattr(loaded, name), getattr(table, name))
     assert torch.equal(loaded.harmful(0, "code"), table.harmful(0, "code"))
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"ablations_per_window": 0}, "ablations_per_window"),
+        ({"alpha": 1.0}, "alpha"),
+        ({"explore": -1.0}, "explore"),
+        ({"explore": float("nan")}, "explore"),
+        ({"min_ablations": 1}, "min_ablations"),
+    ],
+)
+def test_counterfactual_learner_names_a_bad_setting(kwargs, name):
+    table = TrustTable([0], ["c"], 4)
+    with pytest.raises(ValueError, match=name):
+        CounterfactualLearner(table, **kwargs)

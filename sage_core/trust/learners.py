@@ -99,6 +99,10 @@ class CounterfactualLearner:
             )
         if not 0 < alpha < 1:
             raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+        if not (isinstance(explore, int | float) and math.isfinite(explore) and explore >= 0):
+            raise ValueError(f"explore must be a finite number >= 0, got {explore!r}")
+        if not (isinstance(min_ablations, int) and min_ablations >= 2):
+            raise ValueError(f"min_ablations must be an int >= 2, got {min_ablations!r}")
         self.table = table
         self.ablations_per_window = ablations_per_window
         self.alpha = float(alpha)
@@ -124,13 +128,13 @@ class CounterfactualLearner:
         mean as 0 before any measurement. Ties: the more used expert, then the lower
         layer and expert."""
         table, ci = self.table, self.table.context_pos(context)
-        own = (table.harm_count[:, ci].double(), table.harm_mean[:, ci].double())
-        own = (*own, table.harm_m2[:, ci].double())  # count, mean, m2: (L, E) each
-        n, _, m2 = own
+        n = table.harm_count[:, ci].double()  # (L, E), as are mean and m2
+        mean, m2 = table.harm_mean[:, ci].double(), table.harm_m2[:, ci].double()
         measured = (m2 / (n - 1).clamp_min(1)).sqrt()[n >= 2]
         spread = float(measured.median()) if measured.numel() else math.inf
         optimistic = torch.maximum(
-            self._optimistic(*own, spread), self._optimistic(*table.pooled_harm(), spread)
+            self._optimistic(n, mean, m2, spread),
+            self._optimistic(*table.pooled_harm(), spread),
         )
         decided = torch.stack(
             [
