@@ -169,6 +169,8 @@ def test_scenarios_cover_the_grid():
         (m, k) for m in (1, 2, 4) for k in trust_runs.KINDS
     }
     assert [s["contexts"] for s in full if s["contexts"]] == [("code",)]
+    context = unreliable_experts.scenarios("context")
+    assert context == [unreliable_experts.PRIMARY, full[-1]]
     with pytest.raises(ValueError, match="grid"):
         unreliable_experts.scenarios("huge")
 
@@ -305,3 +307,36 @@ def test_run_arms_records_do_not_depend_on_the_number_of_workers():
     assert all(torch.equal(v, before[k]) for k, v in state(model).items())
     with pytest.raises(ValueError, match="workers"):
         trust_runs.run_arms(model, tokenizer, [3, 4], workers=0, **kwargs)
+
+
+def test_context_only_table_scores_the_broken_context_and_costs_elsewhere():
+    rows = []
+    for seed, (router, clean, arm, other) in enumerate(
+        [(3.0, 2.0, 2.5, 1.01), (4.0, 3.0, 3.0, 1.0)]
+    ):
+        for name, ppl in (("router", router), ("counterfactual", arm), ("oracle", clean)):
+            rows.append(
+                {
+                    "seed": seed,
+                    "arm": name,
+                    "context": "code",
+                    "perplexity": ppl,
+                    "clean_perplexity": clean,
+                }
+            )
+            for ctx in ("text", "all"):
+                rows.append(
+                    {
+                        "seed": seed,
+                        "arm": name,
+                        "context": ctx,
+                        "perplexity": 2.0 * (other if name == "counterfactual" else 1.0),
+                        "clean_perplexity": 2.0,
+                    }
+                )
+    table = unreliable_experts.context_only_table(rows, "code")
+    assert set(table) == {"oracle", "counterfactual"}
+    assert table["counterfactual"]["recovery"]["mean"] == pytest.approx((0.5 + 1.0) / 2)
+    assert table["oracle"]["recovery"]["mean"] == pytest.approx(1.0)
+    cost = table["counterfactual"]["other_contexts"]
+    assert list(cost) == ["text"] and cost["text"]["mean"] == pytest.approx(0.005)

@@ -21,14 +21,18 @@ CONTEXT_ONLY_ARMS = ("router", "oracle", "counterfactual", "counterfactual_conte
 
 
 def scenarios(grid: str, broken_context: str = "code") -> list[dict]:
-    """grid "primary": m = 2, noise, every context. grid "full": m in {1, 2, 4} x kinds
-    {noise, sign_flip} for every context, plus m = 2 noise in `broken_context` only."""
+    """grid "primary": m = 2, noise, every context. grid "context": that, plus m = 2 noise
+    in `broken_context` only. grid "full": m in {1, 2, 4} x kinds {noise, sign_flip} for
+    every context, plus m = 2 noise in `broken_context` only."""
+    context_only = {"m": 2, "kind": "noise", "contexts": (broken_context,)}
     if grid == "primary":
         return [dict(PRIMARY)]
+    if grid == "context":
+        return [dict(PRIMARY), context_only]
     if grid != "full":
-        raise ValueError(f"grid must be 'primary' or 'full', got {grid!r}")
+        raise ValueError(f"grid must be 'primary', 'context' or 'full', got {grid!r}")
     out = [{"m": m, "kind": kind, "contexts": None} for kind in trust_runs.KINDS for m in (1, 2, 4)]
-    return [*out, {"m": 2, "kind": "noise", "contexts": (broken_context,)}]
+    return [*out, context_only]
 
 
 def scenario_name(spec: dict) -> str:
@@ -72,6 +76,29 @@ def scenario_table(rows: list[dict], exclusions: list[dict], arm="counterfactual
         "precision_at_m": trust_runs.t_interval(precision),
         "false_exclusions_per_seed": float(sum(false) / len(false)),
     }
+
+
+def context_only_table(rows: list[dict], broken_context: str) -> dict[str, dict]:
+    """For breakage in one context: per arm (context-keyed and context-free counterfactual
+    trust, and the oracle), recovery in the broken context (t interval over the seeds whose
+    breakage raised perplexity there) and, for every other context, the paired relative
+    perplexity change against the router (what trust costs where nothing is broken)."""
+    damaged = trust_runs.damaged_seeds(rows, broken_context)
+    out = {}
+    for arm in ("oracle", "counterfactual", "counterfactual_context_free"):
+        if arm not in {r["arm"] for r in rows}:
+            continue
+        out[arm] = {
+            "recovery": trust_runs.t_interval(
+                trust_runs.recovery(rows, arm, broken_context, seeds=damaged)
+            ),
+            "other_contexts": {
+                c: trust_runs.t_interval(trust_runs.paired(rows, arm, "router", c))
+                for c in dict.fromkeys(r["context"] for r in rows)
+                if c not in (broken_context, "all")
+            },
+        }
+    return out
 
 
 def plot_arms(rows: list[dict], scenario: str):
