@@ -8,3 +8,4 @@ FIGURES = ROOT / "figures"
 MODELS = ROOT / "models"
 DATA = ROOT / "data"
 RESULTS = ROOT / "results"
+TABLES = ROOT / "tables"  # committed outputs of studies too long for a notebook (tuning, sweeps)

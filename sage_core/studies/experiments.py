@@ -72,6 +72,23 @@ def load_model(
     return model.eval(), load_tokenizer(path), path
 
 
+class ValidationCorpus:
+    """The training split cut in two, for choices made before any held-out text is seen:
+    "train" is the training documents i % `every` != 0, "heldout" the others (validation
+    documents). Tuning and model selection run on it; evaluation runs on the real corpus."""
+
+    def __init__(self, corpus, every: int = 5):
+        if not (isinstance(every, int) and every >= 2):
+            raise ValueError(f"every must be an int >= 2, got {every!r}")
+        self.corpus, self.every = corpus, every
+
+    def documents(self, context: str, split: str) -> list[str]:
+        if split not in ("train", "heldout"):
+            raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+        docs = self.corpus.documents(context, "train")
+        return [d for i, d in enumerate(docs) if (i % self.every == 0) == (split == "heldout")]
+
+
 @dataclass(frozen=True)
 class Sample:
     """A prompt and its real continuation, cut from one corpus document."""

@@ -98,7 +98,7 @@ def ratio_of_means(numerators, denominators, confidence: float = CONFIDENCE, see
     if not b.sum() > 0:
         raise ValueError(f"ratio_of_means needs a positive denominator sum, got {b.sum()}")
     ratio = float(a.sum() / b.sum())
-    if np.all(a == a[0]) and np.all(b == b[0]):
+    if np.allclose(a * b.sum(), b * a.sum(), rtol=1e-12, atol=0):  # every resample: one ratio
         return {
             "ratio": ratio,
             "low": ratio,

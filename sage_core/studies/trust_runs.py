@@ -30,14 +30,15 @@ import random
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.stats
 import torch
 
 from sage_core.corpus import CONTEXTS, load_corpus
 from sage_core.model.moe import ResidentExperts
 from sage_core.notebook.progress import progress
-from sage_core.studies.experiments import Sample, make_samples
+from sage_core.studies import statistics
+from sage_core.studies.experiments import Sample, ValidationCorpus, make_samples
 from sage_core.studies.report_protocol import report_quality, report_update
+from sage_core.studies.statistics import t_interval
 from sage_core.trust import (
     REPORT_PRIOR,
     CounterfactualLearner,
@@ -78,6 +79,8 @@ class ArmSettings:
     report_learning_rate: float = 0.1
     bias_learning_rate: float = 0.05  # learned_bias (Adam)
     bias_l2: float = 1e-3
+    bias_batch: int = 8  # learned_bias: windows per Adam step
+    scored_batch: int = 8  # routing_weighted and report: windows scored per forward
 
 
 # --- breaking experts -----------------------------------------------------------------------
@@ -226,11 +229,32 @@ def perplexity(rows, context: str | None = None) -> float:
     return math.exp(sum(r["nll_sum"] for r in chosen) / sum(r["tokens"] for r in chosen))
 
 
-# --- one training loop for every arm --------------------------------------------------------
+# --- one training loop for every arm, at equal compute ---------------------------------------
+
+FORWARD_PER_BACKWARD = 2  # a backward pass costs about two forwards (twice the matmuls)
+CHECKPOINTS = (0.0, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)  # fractions of the budget scored
+
+
+def forward_equivalents(forward: int, backward: int) -> int:
+    """Training compute in sequence forwards, a backward pass counting FORWARD_PER_BACKWARD."""
+    return forward + FORWARD_PER_BACKWARD * backward
+
+
+def budget_of(num_windows: int, settings: ArmSettings) -> int:
+    """The compute budget per seed, in forward equivalents: what the counterfactual arm
+    spends on `num_windows` windows at most (one base and `ablations_per_window` ablated
+    sequences each). Every arm gets the same."""
+    return num_windows * (1 + settings.ablations_per_window)
 
 
 class Arms:
-    """The learning arms of one seed, trained window by window on one stream."""
+    """The learning arms of one seed, each trained on one stream of windows to a common
+    compute budget (`train_to`). An arm takes steps of known maximal cost and stops before
+    a step would exceed the budget; an arm that has used up the stream starts it again
+    (epochs). A step of the counterfactual arm is one window; of the learned bias, one Adam
+    step on `bias_batch` windows; of the routing-weighted and report arms, `scored_batch`
+    windows scored in one forward, then credited one by one. Windows of one step are run
+    in one batch per context (breakage applies per context)."""
 
     def __init__(self, model, arms, settings: ArmSettings, breakage=None):
         unknown = set(arms) - set(ARMS)
@@ -238,10 +262,11 @@ class Arms:
             raise ValueError(f"unknown arms {sorted(unknown)}; arms are {ARMS}")
         self.model, self.arms, self.settings, self.breakage = model, tuple(arms), settings, breakage
         s = settings
-        self.selectors, self.learners, self.passes = {}, {}, {}
+        self.selectors, self.learners = {}, {}
+        self.passes = {arm: {"forward": 0, "backward": 0, "windows": 0} for arm in self.arms}
+        self.cursor = dict.fromkeys(self.arms, 0)
         top = {"harm_alpha": s.harm_alpha, "min_ablations": s.min_ablations}
         for arm in self.arms:
-            self.passes[arm] = {"forward": 0, "backward": 0}
             if arm == "router":
                 self.selectors[arm] = None
             elif arm == "oracle":
@@ -272,53 +297,129 @@ class Arms:
                 self.selectors[arm] = selector
                 self.learners[arm] = LearnedBiasLearner(selector, s.bias_learning_rate, s.bias_l2)
 
-    def train(self, window: Sample) -> None:
-        """Every learning arm learns from this one window (its context: the label)."""
-        context = window.context
-        with self.breakage.active(context) if self.breakage else contextlib.nullcontext():
-            for arm in self.arms:
-                if arm.startswith("counterfactual"):
-                    learner = self.learners[arm]
-                    key = POOLED if arm == "counterfactual_context_free" else context
-                    before = learner.sequence_forwards
-                    learner.update(self.model, window.prompt, window.continuation, key)
-                    self.passes[arm]["forward"] += learner.sequence_forwards - before
-                elif arm in ("routing_weighted", "report"):
-                    self._train_scored(arm, window, context)
-                elif arm == "learned_bias":
-                    self.learners[arm].update(
-                        self.model, window.prompt, window.continuation, context
+    def step_cost(self, arm: str) -> int:
+        """The most forward equivalents one step of `arm` can cost (0: it does not learn)."""
+        s = self.settings
+        if arm.startswith("counterfactual"):
+            return 1 + s.ablations_per_window
+        if arm == "learned_bias":
+            return forward_equivalents(s.bias_batch, s.bias_batch)
+        if arm in ("routing_weighted", "report"):
+            return s.scored_batch
+        return 0
+
+    def spent(self, arm: str) -> int:
+        return forward_equivalents(self.passes[arm]["forward"], self.passes[arm]["backward"])
+
+    def train_to(self, stream: list[Sample], budget: int) -> None:
+        """Every learning arm takes steps while the next one fits within `budget`."""
+        for arm in self.arms:
+            cost = self.step_cost(arm)
+            while cost and self.spent(arm) + cost <= budget:
+                self._step(arm, stream)
+
+    def _take(self, arm: str, stream: list[Sample], count: int) -> list[Sample]:
+        start = self.cursor[arm]
+        self.cursor[arm] += count
+        self.passes[arm]["windows"] += count
+        return [stream[(start + i) % len(stream)] for i in range(count)]
+
+    def _by_context(self, windows: list[Sample]):
+        """(context, windows of it, their (B, S) ids, breakage scope) in CONTEXTS order."""
+        for context in CONTEXTS:
+            group = [w for w in windows if w.context == context]
+            if group:
+                ids = torch.stack([torch.cat([w.prompt, w.continuation]) for w in group])
+                scope = self.breakage.active(context) if self.breakage else contextlib.nullcontext()
+                yield context, group, ids, scope
+
+    def _step(self, arm: str, stream: list[Sample]) -> None:
+        s, passes = self.settings, self.passes[arm]
+        if arm.startswith("counterfactual"):
+            (window,) = self._take(arm, stream, 1)
+            key = POOLED if arm == "counterfactual_context_free" else window.context
+            learner = self.learners[arm]
+            before = learner.sequence_forwards
+            with (
+                self.breakage.active(window.context) if self.breakage else contextlib.nullcontext()
+            ):
+                learner.update(self.model, window.prompt, window.continuation, key)
+            passes["forward"] += learner.sequence_forwards - before
+        elif arm == "learned_bias":
+            windows = self._take(arm, stream, s.bias_batch)
+            learner = self.learners[arm]
+            for context, group, ids, scope in self._by_context(windows):
+                with scope:
+                    learner.accumulate(
+                        self.model, ids, [context] * len(group), len(group) / len(windows)
                     )
-                    self.passes[arm]["forward"] += 1
-                    self.passes[arm]["backward"] += 1
+            learner.step()
+            passes["forward"] += len(windows)
+            passes["backward"] += len(windows)
+        else:
+            windows = self._take(arm, stream, s.scored_batch)
+            for context, _, ids, scope in self._by_context(windows):
+                with scope:
+                    self._train_scored(arm, ids, context)
+            passes["forward"] += len(windows)
 
     @torch.no_grad()
-    def _train_scored(self, arm: str, window: Sample, context: str) -> None:
-        """The previous protocol: score the window with the arm's selector active, update."""
+    def _train_scored(self, arm: str, ids: torch.Tensor, context: str) -> None:
+        """The previous protocol, batched: score (B, S) windows of one context with the
+        arm's selector active, then credit them one by one (every next-token prediction)."""
         selector = self.selectors[arm]
         selector.context = context
         device = self.model.model.embed_tokens.weight.device
-        ids = torch.cat([window.prompt, window.continuation]).to(device)[None]
-        P = window.prompt.numel()
+        B, S = ids.shape
         self.model.set_selector(selector)
         try:
             with self.model.routing_trace() as trace:
-                nll = continuation_nll(self.model, ids, P)[0].cpu()
+                nll = continuation_nll(self.model, ids.to(device), 1).cpu()  # (B, S - 1)
         finally:
             self.model.set_selector(None)
-        self.passes[arm]["forward"] += 1
-        if arm == "report":
-            quality = report_quality(math.exp(float(nll.mean())))
-            report_update(
-                selector.table, context, quality, learning_rate=self.settings.report_learning_rate
-            )
-            return
         E = self.model.config.num_experts
-        routing = {
-            layer: dense_routing(calls[0][0][P - 1 : -1], calls[0][1][P - 1 : -1], E)
-            for layer, calls in trace.items()
-        }
-        self.learners[arm].update(context, nll, routing)
+        for b in range(B):
+            if arm == "report":
+                quality = report_quality(math.exp(float(nll[b].mean())))
+                report_update(
+                    selector.table,
+                    context,
+                    quality,
+                    learning_rate=self.settings.report_learning_rate,
+                )
+                continue
+            routing = {}
+            for layer, calls in trace.items():
+                indices, weights = calls[0]
+                k = indices.shape[-1]
+                # (B * S, k) -> (B, S, k): the positions 0 .. S - 2 predict the scored tokens
+                routing[layer] = dense_routing(
+                    indices.reshape(B, S, k)[b, :-1], weights.reshape(B, S, k)[b, :-1], E
+                )
+            self.learners[arm].update(context, nll[b], routing)
+
+
+def forced_exclusion_selector(model, selector: TrustSelector, per_layer: int, broken=None):
+    """An oracle-style selector that excludes, per (context, layer), the `per_layer`
+    healthy experts (not in `broken` {context: {layer: [experts]}}) with the smallest
+    p-values of harm in `selector`'s table: what excluding the most suspected healthy
+    experts would cost, whatever the test decided (a bound on the cost of false
+    exclusions)."""
+    table = selector.table
+    p = table.harm_p_values()
+    chosen = {}
+    for context in table.contexts:
+        ci = table.context_pos(context)
+        chosen[context] = {}
+        for li, layer in enumerate(table.layers):
+            bad = set((broken or {}).get(context, {}).get(layer, []))
+            order = sorted(
+                (e for e in range(table.num_experts) if e not in bad),
+                key=lambda e: (float(p[li, ci, e]), -float(table.harm_mean[li, ci, e]), e),
+            )
+            chosen[context][layer] = order[:per_layer]
+    c = model.config
+    return OracleSelector(table, c.num_experts_per_tok, c.norm_topk_prob, chosen)
 
 
 def run_seed(
@@ -333,13 +434,24 @@ def run_seed(
     continuation_tokens: int,
     breakage_spec: dict | None = None,
     corpus=None,
+    checkpoints=CHECKPOINTS,
+    forced_per_layer: int = 0,
 ) -> dict:
-    """One seed: held-out windows, a training stream, optional breakage, every arm trained
-    on the stream and scored on the held-out windows.
+    """One seed: held-out windows, a stream of `num_windows` training windows, optional
+    breakage; every arm trained on the stream to each checkpoint (a fraction of
+    `budget_of(num_windows, settings)` forward equivalents) and scored there on the
+    held-out windows.
 
-    breakage_spec: {"m", "pool", "kind", "contexts"} or None (healthy model). Returns
-    {"rows": one row per (arm, context incl. "all"), "arms": the trained Arms,
-    "breakage": the Breakage or None, "clean": clean-model rows (router)}."""
+    breakage_spec: {"m", "pool", "kind", "contexts"} or None (healthy model).
+    forced_per_layer > 0 adds the arm "counterfactual_forced" at the last checkpoint
+    (`forced_exclusion_selector` of the counterfactual arm). Returns {"rows": one row per
+    (checkpoint, arm, context incl. "all"), "arms": the trained Arms, "breakage",
+    "clean": the clean model's rows}."""
+    fractions = sorted(set(float(f) for f in checkpoints))
+    if not fractions or fractions[0] < 0 or fractions[-1] > 1:
+        raise ValueError(
+            f"checkpoints must be fractions of the budget in [0, 1], got {checkpoints}"
+        )
     corpus = corpus or load_corpus()
     kw = {"prompt_tokens": prompt_tokens, "continuation_tokens": continuation_tokens}
     kw.update(seed=seed, corpus=corpus)
@@ -357,32 +469,124 @@ def run_seed(
         )
     torch.manual_seed(seed)
     trained = Arms(model, arms, settings, breakage)
-    for window in stream:
-        trained.train(window)
+    budget = budget_of(num_windows, settings)
     clean = score_windows(model, heldout)
+    fixed = {}  # the router and the oracle do not learn: scored once
     rows = []
-    for arm in trained.arms:
-        scored = score_windows(
-            model,
-            heldout,
-            trained.selectors[arm],
-            breakage,
-            pooled=arm == "counterfactual_context_free",
-        )
+
+    exclusions = []
+
+    def record(arm, scored, target, paid_by=None):
+        passes = trained.passes[paid_by or arm]
         for context in (*CONTEXTS, None):
             rows.append(
                 {
                     "seed": seed,
                     "arm": arm,
                     "context": context or "all",
+                    "budget": target,
+                    "forward_equivalents": trained.spent(paid_by or arm),
+                    "forward": passes["forward"],
+                    "backward": passes["backward"],
+                    "windows": passes["windows"],
                     "perplexity": perplexity(scored, context),
                     "clean_perplexity": perplexity(clean, context),
-                    "train_forward": trained.passes[arm]["forward"],
-                    "train_backward": trained.passes[arm]["backward"],
-                    "windows": len(stream),
                 }
             )
-    return {"rows": rows, "arms": trained, "breakage": breakage, "clean": clean}
+
+    for fraction in fractions:
+        target = round(fraction * budget)
+        trained.train_to(stream, target)
+        for arm in trained.arms:
+            pooled = arm == "counterfactual_context_free"
+            if arm not in fixed:
+                scored = score_windows(model, heldout, trained.selectors[arm], breakage, pooled)
+                if not trained.step_cost(arm):
+                    fixed[arm] = scored
+            record(arm, fixed.get(arm) or scored, target)
+        exclusions += exclusion_records(trained, breakage, seed, target)
+    if forced_per_layer and "counterfactual" in trained.arms:
+        broken = breakage.broken_by_context() if breakage else {}
+        forced = forced_exclusion_selector(
+            model, trained.selectors["counterfactual"], forced_per_layer, broken
+        )
+        scored = score_windows(model, heldout, forced, breakage)
+        record("counterfactual_forced", scored, target, paid_by="counterfactual")
+    return {
+        "rows": rows,
+        "exclusions": exclusions,
+        "cells": cell_records(trained, breakage, seed),
+        "arms": trained,
+        "breakage": breakage,
+        "clean": clean,
+    }
+
+
+def _counterfactual_arms(trained: Arms, breakage):
+    """(arm, its selector, context, key in its table, broken {layer: experts} in that
+    context) for every counterfactual arm and context."""
+    for arm in trained.arms:
+        if arm.startswith("counterfactual"):
+            for context in CONTEXTS:
+                key = POOLED if arm == "counterfactual_context_free" else context
+                broken = breakage.broken_by_context().get(context, {}) if breakage else {}
+                yield arm, trained.selectors[arm], context, key, broken
+
+
+def exclusion_records(trained: Arms, breakage, seed: int, budget: int) -> list[dict]:
+    """One row per (counterfactual arm, context, layer): the experts it excludes now, the
+    broken ones, the healthy ones excluded (false exclusions) and precision@m."""
+    out = []
+    for arm, selector, context, key, broken in _counterfactual_arms(trained, breakage):
+        excluded = excluded_experts(selector, key)
+        alpha = selector.harm_alpha
+        precision = precision_at_m(selector.table, key, broken, alpha) if broken else math.nan
+        for layer in selector.table.layers:
+            wrong = [e for e in excluded[layer] if e not in broken.get(layer, [])]
+            out.append(
+                {
+                    "seed": seed,
+                    "arm": arm,
+                    "context": context,
+                    "layer": layer,
+                    "budget": budget,
+                    "excluded": excluded[layer],
+                    "broken": broken.get(layer, []),
+                    "false_exclusions": len(wrong),
+                    "precision_at_m": precision,
+                }
+            )
+    return out
+
+
+def cell_records(trained: Arms, breakage, seed: int) -> list[dict]:
+    """One row per (counterfactual arm, context, layer, expert) measured at least twice:
+    its ablation count, mean harm, one-sided p-value of "harm > 0" in its context, and
+    whether it is broken (for calibration: healthy cells' p-values should not be smaller
+    than uniform ones)."""
+    out = []
+    for arm, selector, context, key, broken in _counterfactual_arms(trained, breakage):
+        table = selector.table
+        ci = table.context_pos(key)
+        p = table.harm_p_values()
+        for li, layer in enumerate(table.layers):
+            for e in range(table.num_experts):
+                n = int(table.harm_count[li, ci, e])
+                if n >= 2:
+                    out.append(
+                        {
+                            "seed": seed,
+                            "arm": arm,
+                            "context": context,
+                            "layer": layer,
+                            "expert": e,
+                            "count": n,
+                            "harm": float(table.harm_mean[li, ci, e]),
+                            "p": float(p[li, ci, e]),
+                            "broken": e in broken.get(layer, []),
+                        }
+                    )
+    return out
 
 
 def excluded_experts(selector: TrustSelector, context: str) -> dict[int, list[int]]:
@@ -409,58 +613,86 @@ def precision_at_m(table: TrustTable, context: str, chosen: dict, alpha: float) 
     return float(np.mean(values))
 
 
-# --- statistics ---------------------------------------------------------------------------
+def precision_by_chance(m: int, pool: int, num_experts: int) -> float:
+    """precision@m of m experts ranked at random, when the m broken ones are drawn among
+    the `pool` most used: m / E if the ranking ignores usage; a ranking that only knew the
+    pool would reach m / pool. Returns the latter, the stronger baseline."""
+    if not 1 <= m <= pool <= num_experts:
+        raise ValueError(f"need 1 <= m <= pool <= num_experts, got {m}, {pool}, {num_experts}")
+    return m / pool
 
 
-def t_interval(values, confidence: float = 0.95) -> dict:
-    """Mean and Student-t interval of the mean over seeds (paired values: one per seed).
-    Returns {"mean", "low", "high", "n"}; needs at least 2 values."""
-    x = np.asarray(values, dtype=np.float64).reshape(-1)
-    if x.size < 2 or not np.all(np.isfinite(x)):
-        raise ValueError(f"t_interval needs at least 2 finite values, got {x.tolist()}")
-    mean = float(x.mean())
-    if np.all(x == x[0]):
-        return {"mean": mean, "low": mean, "high": mean, "n": int(x.size)}
-    ci = scipy.stats.ttest_1samp(x, 0.0).confidence_interval(confidence)
-    return {"mean": mean, "low": float(ci.low), "high": float(ci.high), "n": int(x.size)}
+# --- per-seed scores -------------------------------------------------------------------------
 
 
-def bca_interval(values, confidence: float = 0.95, seed: int = 0) -> dict:
-    """Mean and BCa bootstrap interval (scipy.stats.bootstrap, 9999 resamples, seeded)."""
-    x = np.asarray(values, dtype=np.float64).reshape(-1)
-    mean = float(x.mean())
-    if x.size < 2 or np.all(x == x[0]):
-        return {"mean": mean, "low": mean, "high": mean, "n": int(x.size)}
-    result = scipy.stats.bootstrap(
-        (x,), np.mean, confidence_level=confidence, method="BCa", rng=np.random.default_rng(seed)
-    )
-    ci = result.confidence_interval
-    return {"mean": mean, "low": float(ci.low), "high": float(ci.high), "n": int(x.size)}
+def budgets(rows: list[dict]) -> list[int]:
+    """The checkpoints (forward equivalents) present in `rows`, ascending."""
+    return sorted({r["budget"] for r in rows})
+
+
+def at_budget(rows: list[dict], budget: int | None = None) -> list[dict]:
+    """The rows of one checkpoint (None: the largest)."""
+    budget = budgets(rows)[-1] if budget is None else budget
+    return [r for r in rows if r["budget"] == budget]
+
+
+def _by_seed_arm(rows: list[dict], context: str) -> dict:
+    by = {}
+    for r in rows:
+        if r["context"] == context:
+            key = (r["seed"], r["arm"])
+            if key in by:
+                raise ValueError(
+                    f"rows hold several checkpoints of seed {key[0]}, arm {key[1]!r}: "
+                    "select one with at_budget"
+                )
+            by[key] = r
+    return by
 
 
 def paired(rows: list[dict], arm: str, reference: str, context: str = "all") -> list[float]:
-    """Per seed: relative perplexity change of `arm` against `reference`, ppl_a / ppl_r - 1."""
-    by = {(r["seed"], r["arm"]): r for r in rows if r["context"] == context}
+    """Per seed: relative perplexity change of `arm` against `reference`, ppl_a / ppl_r - 1
+    (rows of one checkpoint)."""
+    by = _by_seed_arm(rows, context)
     seeds = sorted({s for s, a in by if a == arm})
     return [by[(s, arm)]["perplexity"] / by[(s, reference)]["perplexity"] - 1 for s in seeds]
 
 
-def damaged_seeds(rows: list[dict], context: str = "all") -> list[int]:
-    """Seeds where the broken model's router is worse than the clean model's."""
+def damage(rows: list[dict], context: str = "all") -> dict[int, float]:
+    """{seed: ppl_router - ppl_clean}: what the breakage cost, per seed (rows of one
+    checkpoint)."""
+    by = _by_seed_arm(rows, context)
+    return {
+        s: r["perplexity"] - r["clean_perplexity"]
+        for (s, a), r in sorted(by.items())
+        if a == "router"
+    }
+
+
+def damaged_seeds(rows: list[dict], context: str = "all", min_damage: float = 0.0) -> list[int]:
+    """Seeds where the broken model's router is worse than the clean model's by more than
+    `min_damage` (relative perplexity), declared before results."""
+    by = _by_seed_arm(rows, context)
     return sorted(
-        r["seed"]
-        for r in rows
-        if r["arm"] == "router"
-        and r["context"] == context
-        and r["perplexity"] > r["clean_perplexity"]
+        s
+        for (s, a), r in by.items()
+        if a == "router" and r["perplexity"] > r["clean_perplexity"] * (1 + min_damage)
     )
+
+
+def recovered(rows: list[dict], arm: str, context: str = "all", seeds=None) -> list[float]:
+    """Per seed: ppl_router - ppl_arm, the damage the arm won back (the numerator of
+    recovery; its denominator is `damage`)."""
+    by = _by_seed_arm(rows, context)
+    chosen = sorted({s for s, a in by if a == arm}) if seeds is None else list(seeds)
+    return [by[(s, "router")]["perplexity"] - by[(s, arm)]["perplexity"] for s in chosen]
 
 
 def recovery(rows: list[dict], arm: str, context: str = "all", seeds=None) -> list[float]:
     """Per seed (all, or `seeds`): (ppl_router - ppl_arm) / (ppl_router - ppl_clean): the
     share of the damage recovered (0: none, 1: the clean model). Undefined, an error, for
     a seed whose breakage did not raise perplexity (pass `seeds=damaged_seeds(rows)`)."""
-    by = {(r["seed"], r["arm"]): r for r in rows if r["context"] == context}
+    by = _by_seed_arm(rows, context)
     chosen = sorted({s for s, a in by if a == arm}) if seeds is None else list(seeds)
     out = []
     for s in chosen:
@@ -471,58 +703,31 @@ def recovery(rows: list[dict], arm: str, context: str = "all", seeds=None) -> li
     return out
 
 
-def relative_to_oracle(rows: list[dict], arm: str, context: str = "all", seeds=None) -> list[float]:
-    """Per seed: the arm's recovery divided by the oracle's."""
-    return [
-        a / o
-        for a, o in zip(
-            recovery(rows, arm, context, seeds),
-            recovery(rows, "oracle", context, seeds),
-            strict=True,
-        )
-    ]
+def relative_to_oracle(rows: list[dict], arm: str, context: str = "all", seeds=None) -> dict:
+    """The arm's recovery relative to the oracle's, as a ratio of means over seeds:
+    sum(ppl_router - ppl_arm) / sum(ppl_router - ppl_oracle), with a paired bootstrap
+    interval (`statistics.ratio_of_means`). Per-seed ratios are not averaged: they are
+    undefined where the oracle recovers little."""
+    return statistics.ratio_of_means(
+        recovered(rows, arm, context, seeds), recovered(rows, "oracle", context, seeds)
+    )
 
 
-def seed_records(model, tokenizer, seed: int, **kwargs) -> tuple[list[dict], list[dict]]:
-    """`run_seed` (same keyword arguments), reduced to plain records: (rows, exclusions)
-    as `run_arms` returns them."""
-    settings = kwargs["settings"]
+# --- many seeds ------------------------------------------------------------------------------
+
+RECORDS = ("rows", "exclusions", "cells")
+
+
+def seed_records(model, tokenizer, seed: int, **kwargs) -> dict[str, list[dict]]:
+    """`run_seed` (same keyword arguments), reduced to its plain records."""
     out = run_seed(model, tokenizer, seed, **kwargs)
-    breakage, exclusions = out["breakage"], []
-    for arm in out["arms"].arms:
-        if not arm.startswith("counterfactual"):
-            continue
-        selector = out["arms"].selectors[arm]
-        for context in CONTEXTS:
-            key = POOLED if arm == "counterfactual_context_free" else context
-            broken = breakage.broken_by_context().get(context, {}) if breakage else {}
-            excluded = excluded_experts(selector, key)
-            precision = (
-                precision_at_m(selector.table, key, broken, settings.harm_alpha)
-                if broken
-                else math.nan
-            )
-            for layer in selector.table.layers:
-                wrong = [e for e in excluded[layer] if e not in broken.get(layer, [])]
-                exclusions.append(
-                    {
-                        "seed": seed,
-                        "arm": arm,
-                        "context": context,
-                        "layer": layer,
-                        "excluded": excluded[layer],
-                        "broken": broken.get(layer, []),
-                        "false_exclusions": len(wrong),
-                        "precision_at_m": precision,
-                    }
-                )
-    return out["rows"], exclusions
+    return {name: out[name] for name in RECORDS}
 
 
 _FORKED: dict = {}  # what forked seed workers inherit: model, tokenizer, arguments
 
 
-def _forked_seed(seed: int) -> tuple[list[dict], list[dict]]:
+def _forked_seed(seed: int) -> dict[str, list[dict]]:
     model, tokenizer, kwargs = _FORKED["job"]
     return seed_records(model, tokenizer, seed, **kwargs)
 
@@ -538,13 +743,18 @@ def run_arms(
     prompt_tokens: int = 32,
     continuation_tokens: int = 32,
     breakage_spec: dict | None = None,
+    checkpoints=CHECKPOINTS,
+    forced_per_layer: int = 0,
     desc: str = "arms",
     show_progress: bool = True,
     workers: int = 1,
+    corpus=None,
 ) -> dict[str, list[dict]]:
-    """`run_seed` for each seed. Returns {"rows": (seed, arm, context) perplexities and
-    training passes, "exclusions": one row per (seed, arm, context, layer) with the experts
-    each counterfactual arm excludes, the broken ones and precision@m}.
+    """`run_seed` for each seed. Returns {"curve": (seed, arm, checkpoint, context)
+    perplexities and training compute, "rows": the last checkpoint's, "exclusion_curve":
+    one row per (seed, counterfactual arm, context, layer, checkpoint) with the experts
+    excluded and the broken ones, "exclusions": the last checkpoint's, "cells": the
+    counterfactual arms' tested cells at the end (p-values)}.
 
     workers > 1 runs seeds in that many forked processes (each with its own copy of the
     model; torch must be single-threaded): every seed is computed from its own seed alone,
@@ -569,7 +779,9 @@ def run_arms(
         "prompt_tokens": prompt_tokens,
         "continuation_tokens": continuation_tokens,
         "breakage_spec": breakage_spec,
-        "corpus": load_corpus(),
+        "corpus": corpus or load_corpus(),
+        "checkpoints": checkpoints,
+        "forced_per_layer": forced_per_layer,
     }
     seeds = list(seeds)
     bar = progress(total=len(seeds), desc=desc, disable=not show_progress)
@@ -592,15 +804,19 @@ def run_arms(
         finally:
             _FORKED.clear()
     bar.close()
+    gathered = {name: [r for result in results for r in result[name]] for name in RECORDS}
     return {
-        "rows": [r for rows, _ in results for r in rows],
-        "exclusions": [r for _, exclusions in results for r in exclusions],
+        "curve": gathered["rows"],
+        "rows": at_budget(gathered["rows"]),
+        "exclusion_curve": gathered["exclusions"],
+        "exclusions": at_budget(gathered["exclusions"]),
+        "cells": gathered["cells"],
     }
 
 
 def arm_summary(rows: list[dict], reference: str = "router", context: str = "all") -> list[dict]:
-    """Per arm: mean perplexity, the paired relative change against `reference` with its
-    t interval, and the training passes per seed."""
+    """Per arm (rows of one checkpoint): mean perplexity, the paired relative change
+    against `reference` with its t interval, and the training compute per seed."""
     out = []
     for arm in dict.fromkeys(r["arm"] for r in rows):
         mine = [r for r in rows if r["arm"] == arm and r["context"] == context]
@@ -614,8 +830,10 @@ def arm_summary(rows: list[dict], reference: str = "router", context: str = "all
                 "change": change["mean"],
                 "low": change["low"],
                 "high": change["high"],
-                "train_forward": mine[0]["train_forward"],
-                "train_backward": mine[0]["train_backward"],
+                "constant": change["constant"],
+                "forward_equivalents": mine[0]["forward_equivalents"],
+                "forward": mine[0]["forward"],
+                "backward": mine[0]["backward"],
                 "windows": mine[0]["windows"],
             }
         )
@@ -673,16 +891,7 @@ def classifier_validation(
 
     corpus = load_corpus()
 
-    class TrainDocuments:  # the training split's documents i % 5 == 0 (validation) or not (fit)
-        def __init__(self, validation: bool):
-            self.validation = validation
-
-        def documents(self, context, split):
-            docs = corpus.documents(context, split)
-            if split != "train":
-                return docs
-            return [d for i, d in enumerate(docs) if (i % 5 == 0) == self.validation]
-
+    validation_corpus = ValidationCorpus(corpus)
     kw = {"prompt_tokens": prompt_tokens, "continuation_tokens": 1}
     k = len(CONTEXTS)
     rows = []
@@ -694,16 +903,16 @@ def classifier_validation(
                 fit_per_context,
                 seed=seed,
                 stream="classifier",
-                corpus=TrainDocuments(validation=False),
+                corpus=validation_corpus,
                 **kw,
             ),
             "validation": make_samples(
                 tokenizer,
-                "train",
+                "heldout",
                 per_context,
                 seed=seed,
                 stream="validation",
-                corpus=TrainDocuments(validation=True),
+                corpus=validation_corpus,
                 **kw,
             ),
             "heldout": make_samples(

@@ -24,8 +24,9 @@
   Cost per window: one base sequence and `ablations_per_window` ablated sequences.
 - `TrustLearner` (in `table.py`) is the routing-weighted rule kept as a comparison arm.
 - `LearnedBiasSelector` + `LearnedBiasLearner`: a per-(context, layer, expert) bias added
-  to the router logits, fitted by gradient descent (Adam) on the same windows' NLL with an
-  L2 pull to zero: one forward and one backward per window.
+  to the router logits, fitted by gradient descent (Adam, minibatches of windows) on the
+  NLL of every next-token prediction of the windows, with an L2 pull to zero: one forward
+  and one backward per window.
 """
 
 from __future__ import annotations
@@ -254,37 +255,58 @@ class LearnedBiasSelector:
 
 
 class LearnedBiasLearner:
-    """Adam on the selector's bias: loss = mean continuation NLL + l2 * sum(bias^2)."""
+    """Adam on the selector's bias, one step per minibatch of windows: loss = mean NLL over
+    every next-token prediction of the minibatch (the positions the counterfactual arm
+    scores) + l2 * sum(bias^2). A minibatch may be accumulated in parts (`accumulate`, one
+    per context, each weighted by its share of the minibatch) before `step`."""
 
     def __init__(self, selector: LearnedBiasSelector, learning_rate: float = 0.05, l2=1e-3):
         if not learning_rate > 0 or not l2 >= 0:
-            raise ValueError(f"need learning_rate > 0 and l2 >= 0, got {learning_rate}, {l2}")
+            raise ValueError(
+                f"need learning_rate > 0 and l2 >= 0, got learning_rate={learning_rate}, l2={l2}"
+            )
         self.selector = selector
         self.l2 = float(l2)
         selector.bias.requires_grad_(True)
         self.optimizer = torch.optim.Adam([selector.bias], lr=learning_rate)
+        self.optimizer.zero_grad()
         self.sequence_forwards = 0
         self.sequence_backwards = 0
 
-    def update(self, model, prompt: torch.Tensor, continuation: torch.Tensor, context: str):
+    def accumulate(self, model, ids: torch.Tensor, contexts, weight: float = 1.0) -> float:
+        """Forward and backward of `weight` x the mean NLL of every next-token prediction
+        of (B, S) `ids` (sequence b in context contexts[b]); gradients add up until `step`.
+        Returns the mean NLL."""
         device = model.model.embed_tokens.weight.device
-        ids = torch.cat([prompt, continuation]).to(device)[None]
         frozen = [(p, p.requires_grad) for p in model.parameters()]
         for p, _ in frozen:
             p.requires_grad_(False)
-        self.selector.context = context
+        self.selector.context = list(contexts)
         model.set_selector(self.selector)
         try:
             with torch.enable_grad():
-                nll = continuation_nll(model, ids, prompt.numel()).mean()
-                loss = nll + self.l2 * self.selector.bias.pow(2).sum()
-                self.optimizer.zero_grad()
-                loss.backward()
-                self.optimizer.step()
+                nll = continuation_nll(model, ids.to(device), 1).mean()
+                (weight * nll).backward()
         finally:
             model.set_selector(None)
             for p, flag in frozen:
                 p.requires_grad_(flag)
-        self.sequence_forwards += 1
-        self.sequence_backwards += 1
-        return {"mean_nll": float(nll.detach())}
+        self.sequence_forwards += ids.shape[0]
+        self.sequence_backwards += ids.shape[0]
+        return float(nll.detach())
+
+    def step(self) -> None:
+        """The L2 pull's gradient (2 * l2 * bias), then one Adam step; gradients reset."""
+        bias = self.selector.bias
+        with torch.no_grad():
+            if bias.grad is None:
+                bias.grad = torch.zeros_like(bias)
+            bias.grad += 2 * self.l2 * bias
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+
+    def update(self, model, prompt: torch.Tensor, continuation: torch.Tensor, context: str):
+        """One window, one step."""
+        nll = self.accumulate(model, torch.cat([prompt, continuation])[None], [context])
+        self.step()
+        return {"mean_nll": nll}
