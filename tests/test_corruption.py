@@ -2,7 +2,6 @@
 sage_core.studies.unreliable_experts)."""
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from sage_core.corpus import CONTEXTS
 from sage_core.model.thinker import Qwen3OmniThinker
 from sage_core.studies import experiments, trust_runs, unreliable_experts
 from sage_core.studies.experiments import Sample
-from sage_core.trust import TrustTable
+from sage_core.trust import LearnedBiasLearner, LearnedBiasSelector, TrustTable
 
 CONFIG = toy_config(
     vocab_size=64,
@@ -100,7 +99,9 @@ def test_recovery_and_relative_to_oracle_by_hand():
     data = rows([4.0, 6.0], "router") + rows([3.0, 4.0], "oracle") + rows([3.5, 5.0], "cf")
     assert trust_runs.recovery(data, "oracle") == pytest.approx([0.5, 0.5])
     assert trust_runs.recovery(data, "cf") == pytest.approx([0.25, 0.25])
-    assert trust_runs.relative_to_oracle(data, "cf") == pytest.approx([0.5, 0.5])
+    assert trust_runs.relative_to_oracle(data, "cf")["ratio"] == pytest.approx(0.5)
+    assert trust_runs.recovered(data, "cf") == pytest.approx([0.5, 1.0])
+    assert trust_runs.damage(data) == pytest.approx({0: 2.0, 1: 4.0})
     assert trust_runs.paired(data, "cf", "router") == pytest.approx([3.5 / 4 - 1, 5 / 6 - 1])
     undamaged = rows([2.0, 3.0], "router") + rows([2.0, 2.5], "x")
     with pytest.raises(ValueError, match="did not raise"):
@@ -109,21 +110,27 @@ def test_recovery_and_relative_to_oracle_by_hand():
     assert trust_runs.recovery(undamaged, "x", seeds=[1]) == pytest.approx([0.5])
 
 
-def test_t_interval_matches_the_formula_and_can_exclude_zero():
-    values = [0.1, 0.3, 0.2, 0.25]
-    ci = trust_runs.t_interval(values)
-    mean = sum(values) / 4
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / 3)
-    half = 3.182446305284263 * sd / 2  # t(0.975, 3) * sd / sqrt(4)
-    assert ci["mean"] == pytest.approx(mean)
-    assert ci["low"] == pytest.approx(mean - half) and ci["high"] == pytest.approx(mean + half)
-    assert ci["low"] > 0
-    wide = trust_runs.t_interval([-1.0, 1.2, -0.8, 1.0])
-    assert wide["low"] < 0 < wide["high"]
-    with pytest.raises(ValueError):
-        trust_runs.t_interval([1.0])
-    bca = trust_runs.bca_interval([0.1, 0.3, 0.2, 0.25, 0.15, 0.22], seed=1)
-    assert bca["low"] < bca["mean"] < bca["high"]
+def test_relative_to_oracle_is_a_ratio_of_means_not_a_mean_of_ratios():
+    # seed 0: the oracle recovers little (0.1) and the arm 0.1; seed 1: 1.0 and 0.5
+    data = rows([3.0, 4.0], "router") + rows([2.9, 3.0], "oracle") + rows([2.9, 3.5], "cf")
+    ratio = trust_runs.relative_to_oracle(data, "cf")
+    assert ratio["ratio"] == pytest.approx((0.1 + 0.5) / (0.1 + 1.0))
+    assert ratio["ratio"] != pytest.approx((1.0 + 0.5) / 2)  # the mean of per-seed ratios
+
+
+def test_damaged_seeds_take_a_minimum_damage_declared_before_results():
+    data = rows([2.01, 2.5, 3.0], "router")
+    assert trust_runs.damaged_seeds(data) == [0, 1, 2]
+    assert trust_runs.damaged_seeds(data, min_damage=0.01) == [1, 2]
+
+
+def test_rows_of_several_checkpoints_must_be_selected_first():
+    data = [dict(r, budget=b) for b in (0, 10) for r in rows([4.0, 6.0], "router")]
+    with pytest.raises(ValueError, match="at_budget"):
+        trust_runs.paired(data, "router", "router")
+    assert trust_runs.budgets(data) == [0, 10]
+    assert {r["budget"] for r in trust_runs.at_budget(data)} == {10}
+    assert trust_runs.at_budget([]) == []
 
 
 def test_precision_at_m_ranks_by_the_harm_bound():
@@ -135,21 +142,33 @@ def test_precision_at_m_ranks_by_the_harm_bound():
     assert trust_runs.precision_at_m(table, "c", {0: [1, 5], 1: [0, 6]}, 0.05) == 0.5
 
 
-def test_every_arm_runs_on_the_same_windows_with_counted_passes():
+def test_every_arm_trains_to_the_same_budget_on_the_same_windows():
     model = tiny_model()
     stream = windows(2)
     breakage = trust_runs.Breakage(model, CHOSEN, "noise", seed=1)
-    settings = trust_runs.ArmSettings(ablations_per_window=3)
+    settings = trust_runs.ArmSettings(ablations_per_window=3, bias_batch=2, scored_batch=4)
     before = state(model)
     arms = trust_runs.Arms(model, trust_runs.ARMS, settings, breakage)
-    for window in stream:
-        arms.train(window)
+    budget = trust_runs.budget_of(len(stream), settings)
+    assert budget == len(stream) * (3 + 1)
+    arms.train_to(stream, budget // 2)
+    arms.train_to(stream, budget)
     assert all(torch.equal(v, before[k]) for k, v in state(model).items())  # restored
     passes = arms.passes
+    for arm in trust_runs.ARMS:
+        cost = arms.step_cost(arm)
+        spent = arms.spent(arm)
+        assert spent <= budget
+        if cost:  # a learning arm stops only when one more step would not fit
+            assert spent + cost > budget, arm
     assert passes["counterfactual"]["forward"] == len(stream) * (3 + 1)
-    assert passes["learned_bias"] == {"forward": len(stream), "backward": len(stream)}
-    assert passes["router"] == {"forward": 0, "backward": 0}
-    assert passes["routing_weighted"]["forward"] == len(stream)
+    assert passes["counterfactual"]["windows"] == len(stream)
+    # the learned bias: 2 windows per step cost 2 forwards + 2 backwards = 6 forward equivalents
+    assert passes["learned_bias"]["forward"] == passes["learned_bias"]["backward"] == 8
+    assert arms.spent("learned_bias") == 24
+    assert passes["routing_weighted"]["forward"] == budget  # epochs over the stream
+    assert passes["routing_weighted"]["windows"] == 4 * len(stream)
+    assert passes["router"] == {"forward": 0, "backward": 0, "windows": 0}
     pooled = arms.selectors["counterfactual_context_free"].table
     assert pooled.contexts == [trust_runs.POOLED] and pooled.harm_count.sum() == 3 * len(stream)
     router = trust_runs.score_windows(model, stream)
@@ -161,18 +180,30 @@ def test_every_arm_runs_on_the_same_windows_with_counted_passes():
     assert trust_runs.perplexity(router) != trust_runs.perplexity(broken)
 
 
-def test_scenarios_cover_the_grid():
-    primary = unreliable_experts.scenarios("primary")
-    assert primary == [unreliable_experts.PRIMARY]
-    full = unreliable_experts.scenarios("full")
-    assert {(s["m"], s["kind"]) for s in full if s["contexts"] is None} == {
-        (m, k) for m in (1, 2, 4) for k in trust_runs.KINDS
-    }
-    assert [s["contexts"] for s in full if s["contexts"]] == [("code",)]
-    context = unreliable_experts.scenarios("context")
-    assert context == [unreliable_experts.PRIMARY, full[-1]]
-    with pytest.raises(ValueError, match="grid"):
-        unreliable_experts.scenarios("huge")
+def test_a_stronger_l2_pull_keeps_the_learned_bias_smaller():
+    norms = {}
+    for l2 in (0.0, 1.0):
+        model = tiny_model()
+        selector = LearnedBiasSelector.for_model(model, CONTEXTS)
+        learner = LearnedBiasLearner(selector, learning_rate=0.1, l2=l2)
+        for w in windows(3) * 2:
+            learner.update(model, w.prompt, w.continuation, w.context)
+        norms[l2] = float(selector.bias.detach().norm())
+    assert norms[1.0] < 0.5 * norms[0.0]
+
+
+def test_scenarios_and_their_arms():
+    assert unreliable_experts.scenario(2, "noise", None) == unreliable_experts.PRIMARY
+    one = unreliable_experts.scenario(1, "sign_flip", "code")
+    assert one == {"m": 1, "kind": "sign_flip", "contexts": ("code",)}
+    assert unreliable_experts.scenario_name(one) == "m=1 sign_flip (code only)"
+    assert "counterfactual_context_free" in unreliable_experts.arms_for(one)
+    assert "counterfactual_context_free" not in unreliable_experts.arms_for(
+        unreliable_experts.PRIMARY
+    )
+    assert "learned_bias" in unreliable_experts.arms_for(one)
+    with pytest.raises(ValueError, match="kind"):
+        unreliable_experts.scenario(2, "melt", None)
 
 
 def test_choose_features_picks_the_best_mean_validation_accuracy():
@@ -250,8 +281,8 @@ def test_classifier_validation_fits_on_fit_prompts_and_scores_every_mode(monkeyp
     )
     assert sorted(set(calls)) == [
         ("heldout", "eval", 4),
+        ("heldout", "validation", 4),  # the validation corpus's held-out: training documents
         ("train", "classifier", 10),
-        ("train", "validation", 4),
     ]
     # Validation prompts come from training documents that no fit prompt comes from.
     assert seen["validation"] == {"code/train/0", "code/train/5"}
@@ -309,34 +340,23 @@ def test_run_arms_records_do_not_depend_on_the_number_of_workers():
         trust_runs.run_arms(model, tokenizer, [3, 4], workers=0, **kwargs)
 
 
-def test_context_only_table_scores_the_broken_context_and_costs_elsewhere():
+def test_context_only_table_tests_equivalence_where_nothing_is_broken():
     rows = []
-    for seed, (router, clean, arm, other) in enumerate(
-        [(3.0, 2.0, 2.5, 1.01), (4.0, 3.0, 3.0, 1.0)]
-    ):
-        for name, ppl in (("router", router), ("counterfactual", arm), ("oracle", clean)):
-            rows.append(
-                {
-                    "seed": seed,
-                    "arm": name,
-                    "context": "code",
-                    "perplexity": ppl,
-                    "clean_perplexity": clean,
-                }
-            )
-            for ctx in ("text", "all"):
+    for seed, other in enumerate([1.001, 1.0, 0.999, 1.002]):
+        for name in ("router", "counterfactual", "counterfactual_context_free"):
+            for ctx, ppl in (("code", 3.0), ("text", 2.0), ("all", 2.5)):
+                change = {"counterfactual": other, "counterfactual_context_free": 1.0 + 0.02 * seed}
                 rows.append(
                     {
                         "seed": seed,
                         "arm": name,
                         "context": ctx,
-                        "perplexity": 2.0 * (other if name == "counterfactual" else 1.0),
+                        "perplexity": ppl * (change.get(name, 1.0) if ctx == "text" else 1.0),
                         "clean_perplexity": 2.0,
                     }
                 )
     table = unreliable_experts.context_only_table(rows, "code")
-    assert set(table) == {"oracle", "counterfactual"}
-    assert table["counterfactual"]["recovery"]["mean"] == pytest.approx((0.5 + 1.0) / 2)
-    assert table["oracle"]["recovery"]["mean"] == pytest.approx(1.0)
-    cost = table["counterfactual"]["other_contexts"]
-    assert list(cost) == ["text"] and cost["text"]["mean"] == pytest.approx(0.005)
+    assert set(table) == {"counterfactual", "counterfactual_context_free"}
+    assert list(table["counterfactual"]) == ["text"]
+    assert table["counterfactual"]["text"]["equivalent"]  # within +-0.5%
+    assert not table["counterfactual_context_free"]["text"]["equivalent"]  # 0..6% off

@@ -1,50 +1,205 @@
-"""Notebook 05: on a healthy model, does any trust arm lower held-out perplexity, and does
-the library's default (counterfactual evidence + exclusion) do no harm?
+"""Notebook 05: the learning curve. As trust learns, what happens to held-out perplexity,
+on a healthy model and on one with broken experts, at equal training compute?
 
-Every arm of `trust_runs.ARMS` that learns (the oracle has nothing to exclude on a healthy
-model, so it is the router) is trained on the same stream of training windows and scored
-on the same held-out windows per seed; effects are paired against the router per seed.
-The primary endpoint: the counterfactual arm's relative change in held-out perplexity.
+Every learning arm (`LEARNING_ARMS`) is trained on the same stream of training windows of
+each seed to the same compute budget, counted in forward equivalents (a sequence run
+forward counts 1, a backward pass 2: `trust_runs.forward_equivalents`), and scored at the
+same checkpoints (`trust_runs.CHECKPOINTS`: fractions of the budget) on the same held-out
+windows. Lines that do not learn: the router, the oracle reference (excludes exactly the
+broken experts) and the clean model. Two scenarios per seed: the healthy model, and
+notebook 07's primary breakage (`BROKEN`).
+
+Also here: the no-harm check that can fail (the counterfactual arm on the healthy model at
+budgets where it does exclude experts; an equivalence test against `NO_HARM_MARGIN`; the
+cost of its false exclusions bounded by forcing the most suspected healthy experts out;
+the calibration of healthy cells' p-values) and the realised false discovery rate of its
+exclusions on the broken model.
 """
 
 from __future__ import annotations
 
-from sage_core.studies import trust_runs
+import numpy as np
+import scipy.stats
 
-ARMS = ("router", "counterfactual", "routing_weighted", "report", "learned_bias")
-NO_HARM_MARGIN = 0.005  # the target: upper 95% bound of the change <= +0.5%
+from sage_core.studies import statistics, trust_runs
+
+ARMS = ("router", "oracle", "counterfactual", "learned_bias", "routing_weighted")
+LEARNING_ARMS = ("counterfactual", "learned_bias", "routing_weighted")
+BROKEN = {"m": 2, "pool": 8, "kind": "noise", "contexts": None}  # notebook 07's primary
+NO_HARM_MARGIN = 0.005  # "no harm": held-out perplexity within +-0.5% of the router's (TOST)
+MIN_DAMAGE = 0.01  # recovery is scored on seeds whose breakage raised perplexity by > 1%
+EQUIVALENCE_MARGIN = 0.1  # two arms' recoveries "level" when within +-0.1 (TOST)
+NO_HARM_CHECKPOINTS = (0.25, 0.5, 1.0)  # of 4x the curve's windows: 1x, 2x and 4x its budget
+ARM_COLORS = {
+    "counterfactual": "C0",
+    "learned_bias": "C1",
+    "routing_weighted": "C4",
+    "counterfactual_forced": "C3",
+}
 
 
-def plot_arm_changes(summary: list[dict], title: str = ""):
-    """Each arm's paired relative change in held-out perplexity against the router
-    (mean over seeds, t 95% interval), on a symmetric-log axis (the report's rule is off
-    the scale of the others)."""
+def run(model, tokenizer, seeds, **kwargs) -> dict[str, dict]:
+    """`trust_runs.run_arms` for every arm, on the healthy model and on `BROKEN`."""
+    return {
+        "healthy": trust_runs.run_arms(model, tokenizer, seeds, ARMS, desc="healthy", **kwargs),
+        "broken": trust_runs.run_arms(
+            model, tokenizer, seeds, ARMS, breakage_spec=BROKEN, desc="broken", **kwargs
+        ),
+    }
+
+
+def curve_table(curve: list[dict], min_damage: float | None = None) -> list[dict]:
+    """One row per (arm, checkpoint): the mean forward equivalents spent, held-out
+    perplexity (t interval over seeds), its paired change against the router, and with
+    `min_damage` (broken model) the recovery as a ratio of means over the seeds damaged by
+    more than `min_damage`, sum(ppl_router - ppl_arm) / sum(ppl_router - ppl_clean), with
+    its paired bootstrap interval."""
+    out = []
+    for budget in trust_runs.budgets(curve):
+        rows = trust_runs.at_budget(curve, budget)
+        seeds = (
+            None if min_damage is None else trust_runs.damaged_seeds(rows, min_damage=min_damage)
+        )
+        damage = trust_runs.damage(rows)
+        for arm in dict.fromkeys(r["arm"] for r in rows):
+            mine = [r for r in rows if r["arm"] == arm and r["context"] == "all"]
+            row = {
+                "arm": arm,
+                "budget": budget,
+                "forward_equivalents": float(np.mean([r["forward_equivalents"] for r in mine])),
+                "perplexity": statistics.t_interval([r["perplexity"] for r in mine]),
+                "clean_perplexity": float(np.mean([r["clean_perplexity"] for r in mine])),
+                "change": statistics.t_interval(trust_runs.paired(rows, arm, "router")),
+            }
+            if seeds is not None:
+                row["recovery"] = statistics.ratio_of_means(
+                    trust_runs.recovered(rows, arm, seeds=seeds), [damage[s] for s in seeds]
+                )
+            out.append(row)
+    return out
+
+
+def paired_recovery_difference(
+    rows: list[dict], arm: str, other: str, seeds, context: str = "all"
+) -> dict:
+    """Per-seed recovery of `arm` minus `other` in `context` (rows of one checkpoint,
+    `seeds` damaged): its t interval and a TOST against +-EQUIVALENCE_MARGIN ("level" when
+    equivalent)."""
+    a = trust_runs.recovery(rows, arm, context, seeds)
+    b = trust_runs.recovery(rows, other, context, seeds)
+    differences = [x - y for x, y in zip(a, b, strict=True)]
+    return {
+        "difference": statistics.t_interval(differences),
+        "equivalence": statistics.equivalence(differences, EQUIVALENCE_MARGIN),
+        "per_seed": differences,
+    }
+
+
+def exclusion_counts(exclusions: list[dict], arm: str = "counterfactual") -> dict:
+    """Over seeds, from exclusion records of one checkpoint: experts excluded and healthy
+    experts excluded per seed (lists in seed order), seeds with any exclusion, and the
+    realised false discovery rate: false exclusions / exclusions, pooled over seeds (None
+    when nothing was excluded)."""
+    mine = [r for r in exclusions if r["arm"] == arm]
+    seeds = sorted({r["seed"] for r in mine})
+    excluded = [sum(len(r["excluded"]) for r in mine if r["seed"] == s) for s in seeds]
+    false = [sum(r["false_exclusions"] for r in mine if r["seed"] == s) for s in seeds]
+    total = sum(excluded)
+    return {
+        "seeds": seeds,
+        "excluded": excluded,
+        "false": false,
+        "seeds_with_exclusions": sum(e > 0 for e in excluded),
+        "realised_fdr": sum(false) / total if total else None,
+    }
+
+
+def p_value_calibration(cells: list[dict], arm: str = "counterfactual") -> dict:
+    """Healthy cells' one-sided p-values against the uniform: a valid test has
+    P(p <= a) <= a for every a. One-sided Kolmogorov-Smirnov test of "the p-values' CDF
+    lies above the uniform's somewhere" (anti-conservative); healthy experts that help
+    give p-values near 1, which is conservative and passes."""
+    p = np.array([c["p"] for c in cells if c["arm"] == arm and not c["broken"]])
+    if p.size < 2:
+        raise ValueError(f"need at least 2 tested healthy cells, got {p.size}")
+    test = scipy.stats.kstest(p, "uniform", alternative="greater")
+    return {
+        "cells": int(p.size),
+        "statistic": float(test.statistic),
+        "p": float(test.pvalue),
+        "share_below_0.05": float(np.mean(p <= 0.05)),
+        "values": np.sort(p),
+    }
+
+
+# --- figures ---------------------------------------------------------------------------------
+
+
+def _band(ax, table, arm, key, scale=1.0, value="mean", **style):
+    rows = [r for r in table if r["arm"] == arm]
+    x = [max(r["forward_equivalents"], 1.0) for r in rows]
+    mid = [scale * r[key][value] for r in rows]
+    ax.plot(x, mid, marker="o", ms=3, label=arm, **style)
+    ax.fill_between(
+        x,
+        [scale * r[key]["low"] for r in rows],
+        [scale * r[key]["high"] for r in rows],
+        alpha=0.15,
+        lw=0,
+        color=style.get("color"),
+    )
+
+
+def plot_learning_curve(healthy: list[dict], broken: list[dict], title: str = ""):
+    """Three panels over training compute (forward equivalents per seed, log scale; the
+    untrained start drawn at 1): the healthy model's held-out perplexity change against
+    the router, the broken model's held-out perplexity with the router, oracle reference
+    and clean model as lines, and the broken model's recovery (ratio of means)."""
     import matplotlib.pyplot as plt
 
-    rows = [r for r in summary if r["arm"] != "router"]
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    y = range(len(rows))
-    ax.errorbar(
-        [100 * r["change"] for r in rows],
-        list(y),
-        xerr=[
-            [100 * (r["change"] - r["low"]) for r in rows],
-            [100 * (r["high"] - r["change"]) for r in rows],
-        ],
-        fmt="o",
-        capsize=3,
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(13, 3.8))
+    for arm in LEARNING_ARMS:
+        color = ARM_COLORS[arm]
+        _band(a, healthy, arm, "change", 100, color=color)
+        _band(b, broken, arm, "perplexity", color=color)
+        _band(c, broken, arm, "recovery", value="ratio", color=color)
+    a.axhspan(-100 * NO_HARM_MARGIN, 100 * NO_HARM_MARGIN, color="C2", alpha=0.15, lw=0)
+    a.axhline(0, color="0.3", lw=0.8, label="router")
+    a.set_ylabel("healthy: held-out ppl vs router (%)")
+    final = [r for r in broken if r["budget"] == max(q["budget"] for q in broken)]
+    line = {r["arm"]: r for r in final}
+    b.axhline(line["router"]["perplexity"]["mean"], color="0.3", lw=0.8, label="router")
+    b.axhline(
+        line["oracle"]["perplexity"]["mean"], color="k", ls="--", lw=1, label="oracle reference"
     )
-    ax.axvline(0, color="0.4", lw=0.8)
-    ax.axvspan(-100 * NO_HARM_MARGIN, 100 * NO_HARM_MARGIN, color="C2", alpha=0.15, lw=0)
-    ax.set_xscale("symlog", linthresh=1.0)
-    ax.set_yticks(list(y), [r["arm"] for r in rows])
-    ax.invert_yaxis()
-    ax.set_xlabel("held-out perplexity vs router (%), t 95% interval; green: +-0.5%")
-    ax.set_title(title, fontsize=9)
+    c.axhline(
+        line["oracle"]["recovery"]["ratio"], color="k", ls="--", lw=1, label="oracle reference"
+    )
+    c.axhline(0, color="0.3", lw=0.8, label="router")
+    c.axhline(1, color="C2", ls=":", lw=1, label="clean model")
+    b.axhline(line["router"]["clean_perplexity"], color="C2", ls=":", lw=1, label="clean model")
+    b.set_ylabel("broken: held-out perplexity")
+    c.set_ylabel("broken: recovery (0 router, 1 clean)")
+    for ax in (a, b, c):
+        ax.set_xscale("log")
+        ax.set_xlabel("training compute per seed (forward equivalents)")
+        ax.legend(frameon=False, fontsize=7)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
 
 
-def run(model, tokenizer, seeds, arms=ARMS, **kwargs) -> dict:
-    """`trust_runs.run_arms` on the healthy model."""
-    return trust_runs.run_arms(model, tokenizer, seeds, arms, desc="healthy model", **kwargs)
+def plot_calibration(calibration: dict, title: str = ""):
+    """QQ plot of healthy cells' p-values against the uniform (below the diagonal at small
+    p: anti-conservative)."""
+    import matplotlib.pyplot as plt
+
+    p = calibration["values"]
+    fig, ax = plt.subplots(figsize=(4, 3.6))
+    ax.plot((np.arange(p.size) + 0.5) / p.size, p, ".", ms=2)
+    ax.plot([0, 1], [0, 1], color="0.4", lw=0.8)
+    ax.set_xlabel("uniform quantile")
+    ax.set_ylabel("healthy cells' p-value")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig

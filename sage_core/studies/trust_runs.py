@@ -253,8 +253,8 @@ class Arms:
     a step would exceed the budget; an arm that has used up the stream starts it again
     (epochs). A step of the counterfactual arm is one window; of the learned bias, one Adam
     step on `bias_batch` windows; of the routing-weighted and report arms, `scored_batch`
-    windows scored in one forward, then credited one by one. Windows of one step are run
-    in one batch per context (breakage applies per context)."""
+    windows scored in one forward, then credited one by one. The windows of one step run
+    in one batch (one per context when the breakage is scoped to some contexts)."""
 
     def __init__(self, model, arms, settings: ArmSettings, breakage=None):
         unknown = set(arms) - set(ARMS)
@@ -324,14 +324,19 @@ class Arms:
         self.passes[arm]["windows"] += count
         return [stream[(start + i) % len(stream)] for i in range(count)]
 
-    def _by_context(self, windows: list[Sample]):
-        """(context, windows of it, their (B, S) ids, breakage scope) in CONTEXTS order."""
-        for context in CONTEXTS:
-            group = [w for w in windows if w.context == context]
+    def _batches(self, windows: list[Sample]):
+        """(contexts, (B, S) ids, breakage scope): the windows in one batch, or one batch
+        per context when the breakage applies to some contexts only."""
+        one_scope = self.breakage is None or self.breakage.contexts is None
+        groups = (
+            [windows] if one_scope else [[w for w in windows if w.context == c] for c in CONTEXTS]
+        )
+        for group in groups:
             if group:
                 ids = torch.stack([torch.cat([w.prompt, w.continuation]) for w in group])
+                context = group[0].context
                 scope = self.breakage.active(context) if self.breakage else contextlib.nullcontext()
-                yield context, group, ids, scope
+                yield [w.context for w in group], ids, scope
 
     def _step(self, arm: str, stream: list[Sample]) -> None:
         s, passes = self.settings, self.passes[arm]
@@ -348,27 +353,26 @@ class Arms:
         elif arm == "learned_bias":
             windows = self._take(arm, stream, s.bias_batch)
             learner = self.learners[arm]
-            for context, group, ids, scope in self._by_context(windows):
+            for contexts, ids, scope in self._batches(windows):
                 with scope:
-                    learner.accumulate(
-                        self.model, ids, [context] * len(group), len(group) / len(windows)
-                    )
+                    learner.accumulate(self.model, ids, contexts, len(contexts) / len(windows))
             learner.step()
             passes["forward"] += len(windows)
             passes["backward"] += len(windows)
         else:
             windows = self._take(arm, stream, s.scored_batch)
-            for context, _, ids, scope in self._by_context(windows):
+            for contexts, ids, scope in self._batches(windows):
                 with scope:
-                    self._train_scored(arm, ids, context)
+                    self._train_scored(arm, ids, contexts)
             passes["forward"] += len(windows)
 
     @torch.no_grad()
-    def _train_scored(self, arm: str, ids: torch.Tensor, context: str) -> None:
-        """The previous protocol, batched: score (B, S) windows of one context with the
-        arm's selector active, then credit them one by one (every next-token prediction)."""
+    def _train_scored(self, arm: str, ids: torch.Tensor, contexts: list[str]) -> None:
+        """The previous protocol, batched: score (B, S) windows (sequence b in contexts[b])
+        with the arm's selector active, then credit them one by one (every next-token
+        prediction)."""
         selector = self.selectors[arm]
-        selector.context = context
+        selector.context = list(contexts)
         device = self.model.model.embed_tokens.weight.device
         B, S = ids.shape
         self.model.set_selector(selector)
@@ -383,7 +387,7 @@ class Arms:
                 quality = report_quality(math.exp(float(nll[b].mean())))
                 report_update(
                     selector.table,
-                    context,
+                    contexts[b],
                     quality,
                     learning_rate=self.settings.report_learning_rate,
                 )
@@ -396,7 +400,7 @@ class Arms:
                 routing[layer] = dense_routing(
                     indices.reshape(B, S, k)[b, :-1], weights.reshape(B, S, k)[b, :-1], E
                 )
-            self.learners[arm].update(context, nll[b], routing)
+            self.learners[arm].update(contexts[b], nll[b], routing)
 
 
 def forced_exclusion_selector(model, selector: TrustSelector, per_layer: int, broken=None):
@@ -631,8 +635,9 @@ def budgets(rows: list[dict]) -> list[int]:
 
 
 def at_budget(rows: list[dict], budget: int | None = None) -> list[dict]:
-    """The rows of one checkpoint (None: the largest)."""
-    budget = budgets(rows)[-1] if budget is None else budget
+    """The rows of one checkpoint (None: the largest; no rows give no rows)."""
+    if budget is None:
+        budget = max((r["budget"] for r in rows), default=None)
     return [r for r in rows if r["budget"] == budget]
 
 

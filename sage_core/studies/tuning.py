@@ -40,7 +40,7 @@ NUM_WINDOWS = 96
 HELDOUT_PER_CONTEXT = 8
 # One grid per learning arm: {ArmSettings field: values}.
 GRIDS = {
-    "counterfactual": {"explore": [0.5, 1.0, 2.0]},
+    "counterfactual": {"explore": [0.0, 0.25, 0.5, 1.0, 2.0]},
     "learned_bias": {"bias_learning_rate": [0.01, 0.03, 0.1, 0.3], "bias_l2": [0.0, 1e-3, 1e-2]},
     "routing_weighted": {"learning_rate": [0.1, 0.5, 2.0]},
 }

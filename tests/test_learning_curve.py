@@ -1,0 +1,141 @@
+"""The learning-curve protocol (sage_core.studies.learning_curve, tuning): tables over
+checkpoints, exclusion counts and the realised false discovery rate, p-value calibration,
+forced exclusions, the validation corpus and the frozen tuning choice."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from checkpoints import toy_config
+
+from sage_core.corpus import CONTEXTS, load_corpus
+from sage_core.model.thinker import Qwen3OmniThinker
+from sage_core.paths import TABLES
+from sage_core.studies import experiments, learning_curve, trust_runs, tuning
+from sage_core.trust import TrustSelector, TrustTable
+
+
+def curve_rows():
+    """Two seeds, two checkpoints: router 4 / 6, clean 2; the arm halves the damage at the
+    second checkpoint; the oracle recovers it all."""
+    out = []
+    for budget, arm_ppl in ((0, (4.0, 6.0)), (10, (3.0, 4.0))):
+        for seed in (0, 1):
+            for arm, ppl in (("router", (4.0, 6.0)), ("oracle", (2.0, 2.0)), ("cf", arm_ppl)):
+                out.append(
+                    {
+                        "seed": seed,
+                        "arm": arm,
+                        "context": "all",
+                        "budget": budget,
+                        "forward_equivalents": budget if arm == "cf" else 0,
+                        "perplexity": ppl[seed],
+                        "clean_perplexity": 2.0,
+                    }
+                )
+    return out
+
+
+def test_curve_table_scores_every_checkpoint_as_a_ratio_of_means():
+    table = learning_curve.curve_table(curve_rows(), min_damage=0.01)
+    by = {(r["arm"], r["budget"]): r for r in table}
+    assert by[("cf", 0)]["recovery"]["ratio"] == 0.0
+    assert by[("cf", 10)]["recovery"]["ratio"] == pytest.approx((1 + 2) / (2 + 4))
+    assert by[("oracle", 10)]["recovery"]["ratio"] == 1.0
+    assert by[("cf", 10)]["forward_equivalents"] == 10
+    assert by[("cf", 10)]["change"]["mean"] == pytest.approx(np.mean([3 / 4 - 1, 4 / 6 - 1]))
+    assert "recovery" not in learning_curve.curve_table(curve_rows())[0]  # healthy: none
+
+
+def test_paired_recovery_difference_is_per_seed_and_tests_equivalence():
+    rows = trust_runs.at_budget(curve_rows())
+    rows += [dict(r, arm="lb", perplexity=r["perplexity"] + 0.01) for r in rows if r["arm"] == "cf"]
+    d = learning_curve.paired_recovery_difference(rows + [], "cf", "lb", [0, 1])
+    assert d["per_seed"] == pytest.approx([0.01 / 2, 0.01 / 4])
+    assert d["equivalence"]["equivalent"]  # within +-0.1
+
+
+def test_exclusion_counts_and_the_realised_false_discovery_rate():
+    rows = [
+        {"seed": 0, "arm": "counterfactual", "excluded": [1, 2], "false_exclusions": 1},
+        {"seed": 0, "arm": "counterfactual", "excluded": [3], "false_exclusions": 0},
+        {"seed": 1, "arm": "counterfactual", "excluded": [], "false_exclusions": 0},
+        {"seed": 1, "arm": "other", "excluded": [5, 6, 7], "false_exclusions": 3},
+    ]
+    c = learning_curve.exclusion_counts(rows)
+    assert c["excluded"] == [3, 0] and c["false"] == [1, 0]
+    assert c["seeds_with_exclusions"] == 1
+    assert c["realised_fdr"] == pytest.approx(1 / 3)
+    assert learning_curve.exclusion_counts(rows[2:3])["realised_fdr"] is None
+
+
+def test_p_value_calibration_flags_anti_conservative_p_values():
+    rng = np.random.default_rng(0)
+    cells = lambda p: [{"arm": "counterfactual", "p": x, "broken": False} for x in p]  # noqa: E731
+    uniform = learning_curve.p_value_calibration(cells(rng.uniform(size=400)))
+    assert uniform["p"] > 0.01
+    conservative = learning_curve.p_value_calibration(cells(rng.uniform(size=400) ** 0.3))
+    assert conservative["p"] > 0.5  # p-values near 1 (experts that help) pass
+    small = learning_curve.p_value_calibration(cells(rng.uniform(size=400) ** 3))
+    assert small["p"] < 1e-6 and small["share_below_0.05"] > 0.2
+    broken_only = [{"arm": "counterfactual", "p": 0.0, "broken": True}] * 5
+    with pytest.raises(ValueError, match="healthy"):
+        learning_curve.p_value_calibration(broken_only)
+
+
+def test_forced_exclusion_takes_the_most_suspected_healthy_experts():
+    torch.manual_seed(0)
+    model = Qwen3OmniThinker(toy_config(vocab_size=64)).eval()
+    table = TrustTable.for_model(model, CONTEXTS)
+    layer = sorted(model.sparse_blocks())[0]
+    for e, harms in ((1, [0.3, 0.31, 0.29]), (2, [0.1, 0.3, 0.2]), (3, [-0.2, -0.1, -0.3])):
+        for h in harms:
+            table.record_harm(layer, "code", e, h)
+    selector = TrustSelector.for_model(model, table)
+    forced = trust_runs.forced_exclusion_selector(model, selector, 1, {"code": {layer: [1]}})
+    assert forced.excluded(layer, "code").nonzero().flatten().tolist() == [2]  # 1 is broken
+    forced = trust_runs.forced_exclusion_selector(model, selector, 2)
+    assert forced.excluded(layer, "code").nonzero().flatten().tolist() == [1, 2]
+
+
+def test_validation_corpus_is_the_training_split_cut_in_two():
+    corpus = load_corpus()
+    view = experiments.ValidationCorpus(corpus)
+    for context in CONTEXTS:
+        train, validation = view.documents(context, "train"), view.documents(context, "heldout")
+        assert len(train) + len(validation) == len(corpus.documents(context, "train"))
+        assert validation == corpus.documents(context, "train")[::5]
+        heldout = set(corpus.documents(context, "heldout"))
+        assert not heldout & set(validation)  # tuning never sees held-out documents
+    with pytest.raises(ValueError, match="split"):
+        view.documents("code", "test")
+
+
+def test_tuning_grids_name_real_settings_and_seeds_stay_apart():
+    base = trust_runs.ArmSettings()
+    assert len(tuning.settings_grid("learned_bias", base)) == 12
+    assert not set(tuning.TUNING_SEEDS) & set(
+        range(tuning.EVALUATION_SEED, tuning.EVALUATION_SEED + 10)
+    )
+    with pytest.raises(ValueError, match="overlap"):
+        tuning.tune(None, None, seeds=[tuning.EVALUATION_SEED])
+
+
+def test_the_frozen_settings_are_the_committed_tuning_choice():
+    payload = json.loads((TABLES / "tuning_choice.json").read_text())
+    assert payload["tuning_seeds"] == list(tuning.TUNING_SEEDS)
+    defaults = trust_runs.ArmSettings()
+    for field, value in payload["frozen"].items():
+        assert getattr(defaults, field) == value, field
+    rows = json.loads((TABLES / "tuning_arms.json").read_text())
+    for arm, chosen in payload["choice"].items():
+        mine = [r for r in rows if r["arm"] == arm]
+        best = {}
+        for r in mine:
+            key = json.dumps(r["setting"], sort_keys=True)
+            won, damage = best.get(key, (0.0, 0.0))
+            best[key] = (won + r["recovered"], damage + r["damage"])
+        winner = max(best, key=lambda k: best[k][0] / best[k][1])
+        assert json.loads(winner) == chosen["setting"], arm
+        assert {r["seed"] for r in mine} == set(tuning.TUNING_SEEDS)
