@@ -150,14 +150,18 @@ def _band(ax, table, arm, key, scale=1.0, value="mean", **style):
     )
 
 
-def plot_learning_curve(healthy: list[dict], broken: list[dict], title: str = ""):
-    """Three panels over training compute (forward equivalents per seed, log scale; the
+def plot_learning_curve(
+    healthy: list[dict], broken: list[dict], differences: dict[int, dict], title: str = ""
+):
+    """Four panels over training compute (forward equivalents per seed, log scale; the
     untrained start drawn at 1): the healthy model's held-out perplexity change against
-    the router, the broken model's held-out perplexity with the router, oracle reference
-    and clean model as lines, and the broken model's recovery (ratio of means)."""
+    the router; the broken model's held-out perplexity with the router, oracle reference
+    and clean model as lines; the broken model's recovery (ratio of means); and the
+    paired difference counterfactual minus learned bias ({budget:
+    `paired_recovery_difference`}) with its t interval and the TOST margin."""
     import matplotlib.pyplot as plt
 
-    fig, (a, b, c) = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, (a, b, c, d) = plt.subplots(1, 4, figsize=(16, 3.8))
     for arm in LEARNING_ARMS:
         color = ARM_COLORS[arm]
         _band(a, healthy, arm, "change", 100, color=color)
@@ -180,7 +184,24 @@ def plot_learning_curve(healthy: list[dict], broken: list[dict], title: str = ""
     b.axhline(line["router"]["clean_perplexity"], color="C2", ls=":", lw=1, label="clean model")
     b.set_ylabel("broken: held-out perplexity")
     c.set_ylabel("broken: recovery (0 router, 1 clean)")
-    for ax in (a, b, c):
+    x = sorted(differences)
+    mid = [differences[k]["difference"]["mean"] for k in x]
+    d.errorbar(
+        x,
+        mid,
+        yerr=[
+            [m - differences[k]["difference"]["low"] for m, k in zip(mid, x, strict=True)],
+            [differences[k]["difference"]["high"] - m for m, k in zip(mid, x, strict=True)],
+        ],
+        fmt="o-",
+        color="k",
+        capsize=2,
+        label="counterfactual - learned bias",
+    )
+    d.axhline(0, color="0.3", lw=0.8)
+    d.axhspan(-EQUIVALENCE_MARGIN, EQUIVALENCE_MARGIN, color="C2", alpha=0.15, lw=0)
+    d.set_ylabel("broken: paired recovery difference")
+    for ax in (a, b, c, d):
         ax.set_xscale("log")
         ax.set_xlabel("training compute per seed (forward equivalents)")
         ax.legend(frameon=False, fontsize=7)

@@ -1,9 +1,11 @@
-"""What notebooks 05 and 07 share: the trust arms, one training loop, batched scoring,
-breakage of experts, and the statistics.
+"""What notebooks 05 and 07 share: the trust arms, one training loop at equal compute,
+batched scoring, breakage of experts, and per-seed scores.
 
 Every arm sees the same inputs: per seed, one stream of training-split windows (a prompt
-and its real continuation, in mixed contexts) and one fixed set of held-out windows. The
-arms (`ARMS`):
+and its real continuation, in mixed contexts) and one fixed set of held-out windows. Every
+learning arm is trained on that stream to the same compute budget, counted in forward
+equivalents (a sequence forward counts 1, a backward pass FORWARD_PER_BACKWARD), and
+scored at the same checkpoints (`Arms.train_to`, `run_seed`). The arms (`ARMS`):
 
 - "router": the model's own top-k; nothing is learned.
 - "oracle": rule "exclude" with the truth, i.e. exactly the broken experts of each
@@ -17,7 +19,6 @@ arms (`ARMS`):
 - "learned_bias": a per-(context, layer, expert) router-logit bias fitted by Adam with an
   L2 pull to zero (`LearnedBiasLearner`).
 
-Each arm's training cost is counted in sequences run forward and backward (`passes`).
 Contexts are the corpus labels: this separates trust from classifier errors (the
 classifier's own accuracy is measured in `classifier_validation`).
 """
@@ -67,18 +68,21 @@ KINDS = ("noise", "sign_flip")
 
 @dataclass(frozen=True)
 class ArmSettings:
-    """Hyperparameters of the learning arms, fixed before any evaluation seed was run."""
+    """Hyperparameters of the learning arms. The defaults of the tuned fields are the
+    choice of `python -m sage_core.studies.tuning` on the tuning seeds
+    (tables/tuning_choice.json; a test checks they agree); batch sizes and the
+    counterfactual arm's `ablations_per_window` (the unit of the budget) are fixed."""
 
     ablations_per_window: int = 12
-    explore: float = 1.0  # the counterfactual arm's optimism (SEs) in choosing cells
+    explore: float = 0.0  # the counterfactual arm's optimism (SEs) in choosing cells
     harm_alpha: float = 0.05  # exclude at this false discovery rate (Benjamini-Hochberg)
     min_ablations: int = 3
     beta: float = 1.0  # routing_weighted
     learning_rate: float = 0.5  # routing_weighted
     baseline_momentum: float = 0.9  # routing_weighted
     report_learning_rate: float = 0.1
-    bias_learning_rate: float = 0.05  # learned_bias (Adam)
-    bias_l2: float = 1e-3
+    bias_learning_rate: float = 0.1  # learned_bias (Adam)
+    bias_l2: float = 0.0
     bias_batch: int = 8  # learned_bias: windows per Adam step
     scored_batch: int = 8  # routing_weighted and report: windows scored per forward
 
