@@ -1,14 +1,24 @@
 """Experts on demand, measured the way offloading systems are (notebook 09).
 
-1. Traces: held-out prompts of each context are run through the real load path with a
-   `TraceRecorder` as selector; the prompt's forward is the prefill trace, the greedy
+The unit of replication is the seed: each seed draws its own held-out windows, and every
+number is reported as a mean over seeds with a Student-t interval
+(`sage_core.studies.statistics`), comparisons as intervals over per-seed paired differences.
+
+The held-out documents of each context are split in two (`HELDOUT_PARTS`): the odd-indexed
+ones are *selection* documents, used only to choose the best online cache policy; the
+even-indexed ones are *scoring* documents, on which everything is measured, the chosen
+policy included (`choose_and_score`). A choice is never scored on the traces it was made on.
+
+1. Traces: per seed, held-out windows of each context are run through the real load path with
+   a `TraceRecorder` as selector; the prompt's forward is the prefill trace, the greedy
    continuation (one token per forward) the decode trace.
 2. Policies: every policy of `sage_core.checkpoint.cache_policy`, Belady's MIN and next-layer
    prefetch are simulated on the same traces, token by token (the order a one-token forward
    asks its cache), at several capacities. The simulator is the real cache's policy code
    and is tested to predict the real cache's hits exactly.
 3. Cost: bytes moved per token for Q3-Omni's real sizes, turned into an upper bound on
-   tokens/s at a link bandwidth (transfers alone; compute, attention and latency ignored).
+   tokens/s at a link bandwidth (transfers alone; compute, attention and latency ignored),
+   extrapolated from the tiny model's miss rates.
 4. Cache-aware selection: `CacheAwareSelector` at several thresholds, teacher-forced on
    held-out windows one token at a time through a bounded cache: experts read per token
    against perplexity, paired per seed with the threshold-0 run (the router itself).
@@ -38,9 +48,12 @@ from sage_core.corpus.heldout import LOG2E, document_stream
 from sage_core.dtypes import parse_dtype
 from sage_core.model.generation import generate
 from sage_core.notebook.progress import progress
-from sage_core.studies.experiments import bootstrap_ci, resolve_model_path
+from sage_core.studies.experiments import resolve_model_path
+from sage_core.studies.statistics import t_interval
 
 PHASES = ("prefill", "decode")
+HELDOUT_PARTS = ("selection", "scoring")  # odd- and even-indexed held-out documents
+DEFAULT_SEEDS = 10
 
 # --- the real model's sizes and links (the arithmetic is shown in notebook 09) ----------------
 
@@ -80,71 +93,184 @@ def modelled_tokens_per_s(miss_rate: float, link_bytes_per_s: float, model=Q3_OM
     return {"bytes_per_token": bytes_per_token, "tokens_per_s": tokens_per_s}
 
 
+# --- seeds and per-seed bookkeeping -------------------------------------------------------------
+
+
+def evaluation_seeds(seed: int, seeds=None, count: int = DEFAULT_SEEDS) -> list[int]:
+    """`seeds` as a list, or for None the `count` seeds seed, seed + 1, ..."""
+    if seeds is None:
+        return list(range(int(seed), int(seed) + count))
+    seeds = [int(s) for s in seeds]
+    if len(set(seeds)) != len(seeds) or len(seeds) < 2:
+        raise ValueError(f"seeds must be at least 2 distinct integers, got {seeds}")
+    return seeds
+
+
+def rows_at(rows, **match) -> list[dict]:
+    """The rows whose fields equal every `match` value."""
+    return [r for r in rows if all(r[k] == v for k, v in match.items())]
+
+
+def seed_values(rows, value: str, **match) -> dict[int, float]:
+    """{seed: mean of `value` over the rows matching `match`} (e.g. over contexts, phases)."""
+    mine = rows_at(rows, **match)
+    if not mine:
+        raise ValueError(f"no rows for {match}")
+    seeds = sorted({r["seed"] for r in mine})
+    return {s: float(np.mean([r[value] for r in mine if r["seed"] == s])) for s in seeds}
+
+
+def interval(rows, value: str, **match) -> dict:
+    """Student-t interval over seeds of the per-seed mean of `value` (see `seed_values`)."""
+    return t_interval(list(seed_values(rows, value, **match).values()))
+
+
+def paired_difference(rows, value: str, arm: dict, reference: dict, **match) -> dict:
+    """t interval over seeds of the per-seed mean of `value` at `arm` minus at `reference`
+    (both dicts of field values, e.g. {"policy": "lfu"} and {"policy": "lru"})."""
+    a = seed_values(rows, value, **match, **arm)
+    b = seed_values(rows, value, **match, **reference)
+    if a.keys() != b.keys():
+        raise ValueError(f"unpaired seeds: {sorted(a)} against {sorted(b)}")
+    return t_interval([a[s] - b[s] for s in a])
+
+
+def per_seed_table(rows, column: str, value: str, spec: str = ".3f", **match) -> str:
+    """A text table, one line per seed, one column per value of `column` (in first-seen
+    order), of the mean of `value` over the rows matching `match`."""
+    mine = rows_at(rows, **match)
+    columns = list(dict.fromkeys(r[column] for r in mine))
+    by = {c: seed_values(mine, value, **{column: c}) for c in columns}
+    seeds = sorted({r["seed"] for r in mine})
+    width = max(10, *(len(str(c)) + 2 for c in columns))
+    lines = [f"{'seed':>6}" + "".join(f"{str(c):>{width}}" for c in columns)]
+    for s in seeds:
+        lines.append(f"{s:>6}" + "".join(f"{by[c][s]:>{width}{spec}}" for c in columns))
+    return "\n".join(lines)
+
+
+def interval_table(columns: dict, scale: float = 1.0, spec: str = ".1f", unit: str = "") -> str:
+    """A text table of intervals: one line per key of the inner dicts (e.g. (context,
+    phase)), one column per outer key; an entry is "mean ±h", h the half-width of the
+    (symmetric) t interval, times `scale`, or "mean const" for a sample equal on every seed."""
+    names = list(columns)
+    keys = list(dict.fromkeys(k for inner in columns.values() for k in inner))
+
+    def label(key):
+        return " ".join(key) if isinstance(key, tuple) else str(key)
+
+    def entry(ci):
+        mean = f"{scale * ci['mean']:{spec}}{unit}"
+        if ci.get("constant"):
+            return f"{mean} const"
+        half = scale * (ci["high"] - ci["low"]) / 2
+        return f"{mean} ±{half:{spec.lstrip('+')}}"
+
+    width = max(14, *(len(str(n)) + 2 for n in names))
+    first = max(len(label(k)) for k in keys) + 2
+    lines = [f"{'':>{first}}" + "".join(f"{str(n):>{width}}" for n in names)]
+    for k in keys:
+        row = [entry(columns[n][k]) if k in columns[n] else "-" for n in names]
+        lines.append(f"{label(k):>{first}}" + "".join(f"{e:>{width}}" for e in row))
+    return "\n".join(lines)
+
+
 # --- 1. traces ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class TraceSettings:
-    prompts_per_context: int = 6
-    prompt_tokens: int = 96
-    decode_tokens: int = 48
+    prompts_per_context: int = 3
+    prompt_tokens: int = 64
+    decode_tokens: int = 32
     seed: int = 0
+    part: str = "scoring"
 
 
-def heldout_windows(tokenizer, context: str, count: int, length: int, seed: int, corpus=None):
-    """`count` non-overlapping windows of `length` tokens from the context's held-out stream,
-    at seeded random positions, in stream order. -> list of (length,) int64 tensors."""
+def heldout_part(documents: list, part: str | None) -> list:
+    """`part` of a context's held-out documents: "selection" the odd-indexed, "scoring" the
+    even-indexed, None all of them."""
+    if part is None:
+        return list(documents)
+    if part not in HELDOUT_PARTS:
+        raise ValueError(f"part must be one of {HELDOUT_PARTS} or None, got {part!r}")
+    first = 1 if part == "selection" else 0
+    return [d for i, d in enumerate(documents) if i % 2 == first]
+
+
+def heldout_windows(
+    tokenizer, context: str, count: int, length: int, seed: int, corpus=None, part="scoring"
+):
+    """`count` non-overlapping windows of `length` tokens from the stream of the context's
+    held-out documents of `part` (see `heldout_part`), at seeded random positions, in stream
+    order. Each part draws from its own random stream. -> list of (length,) int64 tensors."""
     corpus = corpus or load_corpus()
-    ids, _ = document_stream(corpus.documents(context, "heldout"), tokenizer)
+    documents = heldout_part(corpus.documents(context, "heldout"), part)
+    ids, _ = document_stream(documents, tokenizer)
     slots = ids.size // length
     if slots < count:
         raise ValueError(
-            f"{context}: held-out text has {ids.size} tokens, too few for {count} windows "
-            f"of {length}"
+            f"{context} ({part}): held-out text has {ids.size} tokens, too few for {count} "
+            f"windows of {length}"
         )
-    rng = np.random.default_rng([seed, CONTEXTS.index(context)])
+    stream = 0 if part is None else 1 + HELDOUT_PARTS.index(part)
+    rng = np.random.default_rng([seed, CONTEXTS.index(context), stream])
     picks = np.sort(rng.choice(slots, size=count, replace=False))
     return [torch.from_numpy(ids[p * length : (p + 1) * length].copy()) for p in picks]
 
 
 @torch.no_grad()
-def record_traces(model, tokenizer, settings: TraceSettings) -> dict[str, dict[str, RoutingTrace]]:
-    """{context: {"prefill": trace, "decode": trace}} from the model's own router."""
+def _record_context(model, recorder, tokenizer, context, settings, corpus):
+    device = model.model.embed_tokens.weight.device
+    prompts = heldout_windows(
+        tokenizer,
+        context,
+        settings.prompts_per_context,
+        settings.prompt_tokens,
+        settings.seed,
+        corpus,
+        settings.part,
+    )
+    parts = {phase: [] for phase in PHASES}
+    for prompt in prompts:
+        recorder.clear()
+        generate(model, prompt[None].to(device), settings.decode_tokens + 1)
+        trace = recorder.trace()
+        first = trace.call_of == 0
+        for phase, rows in (("prefill", first), ("decode", ~first)):
+            parts[phase].append(
+                RoutingTrace(
+                    trace.experts[rows],
+                    trace.predicted[rows],
+                    trace.call_of[rows],
+                    trace.layers,
+                    trace.num_experts,
+                )
+            )
+    return {phase: concatenate(parts[phase]) for phase in PHASES}
+
+
+def record_trace_sets(
+    model, tokenizer, settings: TraceSettings, seeds
+) -> dict[int, dict[str, dict[str, RoutingTrace]]]:
+    """{seed: {context: {"prefill": trace, "decode": trace}}} from the model's own router,
+    each seed on its own windows of `settings.part` (settings.seed is replaced by each)."""
+    from dataclasses import replace
+
     recorder = TraceRecorder(model)
     model.set_selector(recorder)
-    device = model.model.embed_tokens.weight.device
     corpus = load_corpus()
-    traces = {}
+    sets: dict = {}
+    work = [(s, c) for s in seeds for c in CONTEXTS]
     try:
-        for context in progress(CONTEXTS, desc="traces"):
-            prompts = heldout_windows(
-                tokenizer,
-                context,
-                settings.prompts_per_context,
-                settings.prompt_tokens,
-                settings.seed,
-                corpus,
+        for seed, context in progress(work, desc=f"traces ({settings.part})"):
+            mine = replace(settings, seed=seed)
+            sets.setdefault(seed, {})[context] = _record_context(
+                model, recorder, tokenizer, context, mine, corpus
             )
-            parts = {phase: [] for phase in PHASES}
-            for prompt in prompts:
-                recorder.clear()
-                generate(model, prompt[None].to(device), settings.decode_tokens + 1)
-                trace = recorder.trace()
-                first = trace.call_of == 0
-                for phase, rows in (("prefill", first), ("decode", ~first)):
-                    parts[phase].append(
-                        RoutingTrace(
-                            trace.experts[rows],
-                            trace.predicted[rows],
-                            trace.call_of[rows],
-                            trace.layers,
-                            trace.num_experts,
-                        )
-                    )
-            traces[context] = {phase: concatenate(parts[phase]) for phase in PHASES}
     finally:
         model.set_selector(None)
-    return traces
+    return sets
 
 
 def save_traces(traces, directory) -> list:
@@ -157,6 +283,43 @@ def save_traces(traces, directory) -> list:
     ]
 
 
+def load_traces(directory) -> dict[str, dict[str, RoutingTrace]]:
+    """The traces `save_traces` wrote, {context: {phase: trace}}."""
+    directory = Path(directory)
+    traces = {}
+    for context in CONTEXTS:
+        for phase in PHASES:
+            path = directory / f"{context}_{phase}.npz"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: no trace for {context}/{phase}")
+            traces.setdefault(context, {})[phase] = RoutingTrace.load(path)
+    return traces
+
+
+def save_trace_sets(sets, directory) -> list:
+    """Each seed's traces under `directory/seed_<seed>/` (see `save_traces`)."""
+    directory = Path(directory)
+    return [
+        p for seed, traces in sets.items() for p in save_traces(traces, directory / f"seed_{seed}")
+    ]
+
+
+def load_trace_sets(directory, seeds) -> dict[int, dict[str, dict[str, RoutingTrace]]]:
+    """The trace sets `save_trace_sets` wrote, for `seeds`."""
+    return {int(s): load_traces(Path(directory) / f"seed_{s}") for s in seeds}
+
+
+def trace_directory(traces_dir=None) -> Path:
+    """Where traces are written: `traces_dir`, or a fresh temporary directory for None."""
+    import tempfile
+
+    if traces_dir is None:
+        return Path(tempfile.mkdtemp(prefix="sage_traces_"))
+    path = Path(traces_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 # --- 2. policies ----------------------------------------------------------------------------
 
 
@@ -165,15 +328,29 @@ def capacities(total: int, fractions) -> list[int]:
     return [max(1, round(f * total)) for f in fractions]
 
 
+def nearest_fraction(fractions, capacity: float) -> float:
+    """The cache size of `fractions` closest to `capacity` (both fractions of all experts)."""
+    return min(fractions, key=lambda f: abs(f - capacity))
+
+
+def _cells(sets):
+    """(seed, context, phase, trace) for every trace of every seed."""
+    return [
+        (seed, context, phase, trace)
+        for seed, traces in sets.items()
+        for context, phases in traces.items()
+        for phase, trace in phases.items()
+    ]
+
+
 def simulate_policies(
-    traces, fractions=(0.1, 0.25, 0.5, 0.75), policies=cache_policy.POLICIES
+    sets, fractions=(0.1, 0.25, 0.5, 0.75), policies=cache_policy.POLICIES, part="scoring"
 ) -> list[dict]:
-    """One row per (context, phase, capacity, policy incl. "belady"): hit rate and experts
-    read per token (demand misses)."""
+    """One row per (seed, context, phase, capacity, policy incl. "belady") of the trace sets
+    {seed: {context: {phase: trace}}}: hit rate and experts read per token (demand misses).
+    `part` labels the rows with the documents the traces came from."""
     rows = []
-    work = [(c, p) for c in traces for p in traces[c]]
-    for context, phase in progress(work, desc="policies"):
-        trace = traces[context][phase]
+    for seed, context, phase, trace in progress(_cells(sets), desc=f"policies ({part})"):
         keys, _ = access_sequence(trace)
         total = trace.num_experts * len(trace.layers)
         layers = [int(x) for x in trace.layers]
@@ -186,6 +363,8 @@ def simulate_policies(
             for sim in sims:
                 rows.append(
                     {
+                        "part": part,
+                        "seed": seed,
                         "context": context,
                         "phase": phase,
                         "fraction": fraction,
@@ -208,102 +387,241 @@ def lookahead_horizons(num_layers: int, tokens=(1, 2, 4, 16)) -> dict[str, float
     return out
 
 
-def simulate_bounds(traces, fraction: float, horizons: dict[str, float]) -> list[dict]:
-    """At one cache size, per (context, phase): the hindsight static cache ("static") and
-    Belady restricted to each lookahead horizon ("lookahead <label>"), rows shaped like
+def simulate_bounds(sets, fraction: float, horizons: dict[str, float]) -> list[dict]:
+    """At one cache size, per (seed, context, phase): the hindsight static cache ("static")
+    and Belady restricted to each lookahead horizon ("lookahead <label>"), rows shaped like
     `simulate_policies`' so `gap_closed` reads them beside it."""
     rows = []
-    for context in traces:
-        for phase, trace in traces[context].items():
-            keys, token_of = access_sequence(trace)
-            calls = cache_policy.layer_calls(keys, token_of)
-            cap = capacities(trace.num_experts * len(trace.layers), [fraction])[0]
-            sims = {"static": cache_policy.simulate_static(keys, cap)}
-            for label, horizon in horizons.items():
-                sims[f"lookahead {label}"] = cache_policy.simulate_lookahead(
-                    keys, cap, horizon, calls
+    for seed, context, phase, trace in _cells(sets):
+        keys, token_of = access_sequence(trace)
+        calls = cache_policy.layer_calls(keys, token_of)
+        cap = capacities(trace.num_experts * len(trace.layers), [fraction])[0]
+        sims = {"static": cache_policy.simulate_static(keys, cap)}
+        for label, horizon in horizons.items():
+            sims[f"lookahead {label}"] = cache_policy.simulate_lookahead(keys, cap, horizon, calls)
+        for name, sim in sims.items():
+            rows.append(
+                {
+                    "seed": seed,
+                    "context": context,
+                    "phase": phase,
+                    "fraction": fraction,
+                    "capacity": cap,
+                    "policy": name,
+                    "hit_rate": sim.hit_rate,
+                    "experts_read_per_token": sim.experts_read / trace.num_tokens,
+                }
+            )
+    return rows
+
+
+def gap_closed(rows, fraction: float, policy: str) -> dict[tuple, float]:
+    """{(seed, context, phase): (policy - lru) / (belady - lru)} hit rates at one size."""
+    at: dict = {}
+    for r in rows:
+        if r["fraction"] == fraction:
+            at.setdefault((r["seed"], r["context"], r["phase"]), {})[r["policy"]] = r["hit_rate"]
+    return {
+        key: (h[policy] - h["lru"]) / (h["belady"] - h["lru"])
+        for key, h in sorted(at.items())
+        if policy in h
+    }
+
+
+def gap_closed_by_cell(rows, fraction: float, policy: str) -> dict[tuple[str, str], dict]:
+    """{(context, phase): t interval over seeds of the share of the gap `policy` closes}."""
+    shares = gap_closed(rows, fraction, policy)
+    cells = sorted({(c, p) for _, c, p in shares})
+    return {
+        cell: t_interval([v for (_, c, p), v in shares.items() if (c, p) == cell]) for cell in cells
+    }
+
+
+def gap_closed_difference(rows, fraction: float, arm: str, reference: str) -> dict:
+    """{(context, phase): t interval over seeds of the paired difference in the share of the
+    gap closed, `arm` minus `reference`}."""
+    a, b = gap_closed(rows, fraction, arm), gap_closed(rows, fraction, reference)
+    if a.keys() != b.keys():
+        raise ValueError(f"{arm} and {reference} were not run on the same traces")
+    cells = sorted({(c, p) for _, c, p in a})
+    return {cell: t_interval([a[k] - b[k] for k in a if (k[1], k[2]) == cell]) for cell in cells}
+
+
+def gap_closed_overall(rows, fraction: float, policy: str) -> dict:
+    """t interval over seeds of the share of the gap closed, averaged per seed over the
+    (context, phase) cells."""
+    shares = gap_closed(rows, fraction, policy)
+    seeds = sorted({s for s, _, _ in shares})
+    return t_interval([np.mean([v for k, v in shares.items() if k[0] == s]) for s in seeds])
+
+
+def best_online_policy(rows, fraction: float, policies=cache_policy.POLICIES) -> str:
+    """The demand policy with the highest mean hit rate over every row at `fraction` (every
+    seed, context and phase given)."""
+    means = {}
+    for p in policies:
+        rates = [r["hit_rate"] for r in rows if r["policy"] == p and r["fraction"] == fraction]
+        if not rates:
+            raise ValueError(f"no rows for policy {p!r} at fraction {fraction}")
+        means[p] = float(np.mean(rates))
+    return max(means, key=means.get)
+
+
+def choose_and_score(
+    selection_rows, scoring_rows, fraction: float, policies=cache_policy.POLICIES
+) -> dict:
+    """Choose the best online policy on the selection traces, score it on the scoring ones.
+
+    The choice (`best_online_policy`) sees only `selection_rows` (traces of the selection
+    documents); everything reported about it comes from `scoring_rows` (other documents),
+    as intervals over the scoring seeds. -> {"policy", "selection": {policy: t interval of
+    the per-seed mean hit rate on the selection traces}, "scoring": {the same on the scoring
+    traces}, "gap_closed": {(context, phase): interval}, "gap_closed_overall": interval,
+    "vs_lru": interval of the per-seed hit-rate difference chosen - lru on the scoring
+    traces}."""
+    for rows, part in ((selection_rows, "selection"), (scoring_rows, "scoring")):
+        parts = {r.get("part") for r in rows}
+        if parts != {part}:
+            raise ValueError(f"{part} rows must all come from {part} traces, got {parts}")
+    chosen = best_online_policy(selection_rows, fraction, policies)
+    return {
+        "policy": chosen,
+        "selection": {
+            p: interval(selection_rows, "hit_rate", policy=p, fraction=fraction) for p in policies
+        },
+        "scoring": {
+            p: interval(scoring_rows, "hit_rate", policy=p, fraction=fraction)
+            for p in (*policies, "belady")
+        },
+        "gap_closed": gap_closed_by_cell(scoring_rows, fraction, chosen),
+        "gap_closed_overall": gap_closed_overall(scoring_rows, fraction, chosen),
+        "vs_lru": paired_difference(
+            scoring_rows, "hit_rate", {"policy": chosen}, {"policy": "lru"}, fraction=fraction
+        ),
+    }
+
+
+def smallest_closing(rows, fraction: float, horizons: dict[str, float], share: float = 0.5):
+    """The label of the shortest lookahead whose share of the LRU-to-Belady gap closed has a
+    lower interval bound >= `share` in every (context, phase), or None."""
+    for label in sorted(horizons, key=horizons.get):
+        cells = gap_closed_by_cell(rows, fraction, f"lookahead {label}")
+        if min(ci["low"] for ci in cells.values()) >= share:
+            return label
+    return None
+
+
+def belady_violations(rows) -> list[dict]:
+    """Rows of a demand policy (online, or Belady with a horizon) that beat Belady on the
+    same trace and size (none if exact). The static cache bypasses the cache on a miss, so
+    Belady does not bound it and it is not checked."""
+    belady = {
+        (r["seed"], r["context"], r["phase"], r["fraction"]): r["hit_rate"]
+        for r in rows
+        if r["policy"] == "belady"
+    }
+    return [
+        r
+        for r in rows
+        if r["policy"] not in ("belady", "static")
+        and r["hit_rate"] > belady[(r["seed"], r["context"], r["phase"], r["fraction"])]
+    ]
+
+
+def simulate_prefetch(sets, fraction: float, policies=("lru",)) -> list[dict]:
+    """Per (seed, context, phase, policy): demand hit rate, experts read per token (misses
+    plus read-aheads) and wasted read-aheads per token, with and without next-layer prefetch."""
+    rows = []
+    for seed, context, phase, trace in _cells(sets):
+        keys, _ = access_sequence(trace)
+        cap = capacities(trace.num_experts * len(trace.layers), [fraction])[0]
+        layers = [int(x) for x in trace.layers]
+        plan = prefetch_plan(trace)
+        for p in policies:
+            for ahead in (None, plan):
+                sim = cache_policy.simulate(
+                    keys, cache_policy.make_policy(p, cap, layers=layers), prefetch=ahead
                 )
-            for name, sim in sims.items():
+                n = trace.num_tokens
                 rows.append(
                     {
+                        "seed": seed,
                         "context": context,
                         "phase": phase,
-                        "fraction": fraction,
-                        "capacity": cap,
-                        "policy": name,
+                        "policy": p,
+                        "prefetch": ahead is not None,
                         "hit_rate": sim.hit_rate,
-                        "experts_read_per_token": sim.experts_read / trace.num_tokens,
+                        "experts_read_per_token": sim.experts_read / n,
+                        "stalls_per_token": sim.misses / n,
+                        "wasted_per_token": sim.wasted / n,
                     }
                 )
     return rows
 
 
-def smallest_closing(rows, fraction: float, horizons: dict[str, float], share: float = 0.5):
-    """The label of the shortest lookahead that closes at least `share` of the LRU-to-Belady
-    gap in every (context, phase), or None."""
-    for label in sorted(horizons, key=horizons.get):
-        if min(gap_closed(rows, fraction, f"lookahead {label}").values()) >= share:
-            return label
-    return None
+def prefetch_pairs(prefetch_rows) -> list[tuple[dict, dict]]:
+    """(without, with prefetch) rows of the same seed, context, phase and policy."""
+
+    def key(r):
+        return (r["seed"], r["context"], r["phase"], r["policy"])
+
+    plain = {key(r): r for r in prefetch_rows if not r["prefetch"]}
+    return [(plain[key(r)], r) for r in prefetch_rows if r["prefetch"]]
 
 
-def gap_closed(rows, fraction: float, policy: str) -> dict[tuple[str, str], float]:
-    """{(context, phase): (policy - lru) / (belady - lru)} hit rates at one capacity."""
+def prefetch_effect(prefetch_rows, field: str) -> dict[tuple[str, str], dict]:
+    """{(context, phase): t interval over seeds of `field` with prefetch minus without}
+    (one policy's rows)."""
+    if len({r["policy"] for r in prefetch_rows}) != 1:
+        raise ValueError("prefetch_effect reads one policy's rows")
+    diffs: dict = {}
+    for plain, ahead in prefetch_pairs(prefetch_rows):
+        diffs.setdefault((plain["context"], plain["phase"]), []).append(ahead[field] - plain[field])
+    return {cell: t_interval(v) for cell, v in diffs.items()}
+
+
+def prefetch_quality(sets) -> dict[int, dict]:
+    """Per layer: t interval over seeds of the next-layer guess's precision (= recall with
+    as many guesses as choices), each seed's traces pooled."""
+    per_seed = [
+        prediction_quality(concatenate([t for phases in traces.values() for t in phases.values()]))
+        for traces in sets.values()
+    ]
+    return {layer: t_interval([q[layer]["precision"] for q in per_seed]) for layer in per_seed[0]}
+
+
+# --- 3. cost on the real model's sizes (an extrapolation) ------------------------------------
+
+
+def decode_miss_rates(rows, fraction: float, policies) -> dict[str, dict]:
+    """{policy: t interval over seeds of the decode miss rate (1 - hit rate), averaged per
+    seed over contexts} at one cache size."""
     out = {}
-    for context, phase in {(r["context"], r["phase"]) for r in rows}:
-        at = {
-            r["policy"]: r["hit_rate"]
-            for r in rows
-            if r["context"] == context and r["phase"] == phase and r["fraction"] == fraction
-        }
-        out[(context, phase)] = (at[policy] - at["lru"]) / (at["belady"] - at["lru"])
-    return dict(sorted(out.items()))
+    for p in policies:
+        hits = seed_values(rows, "hit_rate", policy=p, fraction=fraction, phase="decode")
+        out[p] = t_interval([1.0 - h for h in hits.values()])
+    return out
 
 
-def best_online_policy(rows, fraction: float) -> str:
-    """The demand policy with the highest mean hit rate over contexts and phases."""
-    means = {}
-    for p in cache_policy.POLICIES:
-        rates = [r["hit_rate"] for r in rows if r["policy"] == p and r["fraction"] == fraction]
-        means[p] = float(np.mean(rates))
-    return max(means, key=means.get)
-
-
-def simulate_prefetch(traces, fraction: float, policies=("lru",)) -> list[dict]:
-    """Per (context, phase, policy): demand hit rate, experts read per token (misses plus
-    read-aheads) and wasted read-aheads per token, with and without next-layer prefetch."""
+def cost_table(miss_rates: dict[str, dict], links=LINKS) -> list[dict]:
+    """Modelled Q3-Omni decode bound per (arm, link) from each arm's miss-rate interval
+    (`t_interval` dicts): bytes per token and tokens/s at the mean miss rate, and tokens/s
+    at the interval's ends ("tokens_per_s_low" from the highest miss rate)."""
     rows = []
-    for context in traces:
-        for phase, trace in traces[context].items():
-            keys, _ = access_sequence(trace)
-            cap = capacities(trace.num_experts * len(trace.layers), [fraction])[0]
-            layers = [int(x) for x in trace.layers]
-            plan = prefetch_plan(trace)
-            for p in policies:
-                for ahead in (None, plan):
-                    sim = cache_policy.simulate(
-                        keys, cache_policy.make_policy(p, cap, layers=layers), prefetch=ahead
-                    )
-                    n = trace.num_tokens
-                    rows.append(
-                        {
-                            "context": context,
-                            "phase": phase,
-                            "policy": p,
-                            "prefetch": ahead is not None,
-                            "hit_rate": sim.hit_rate,
-                            "experts_read_per_token": sim.experts_read / n,
-                            "stalls_per_token": sim.misses / n,
-                            "wasted_per_token": sim.wasted / n,
-                        }
-                    )
+    for arm, miss in miss_rates.items():
+        for link, rate in links.items():
+            at = modelled_tokens_per_s(miss["mean"], rate)
+            rows.append(
+                {
+                    "arm": arm,
+                    "link": link,
+                    "miss": miss,
+                    **at,
+                    "tokens_per_s_low": modelled_tokens_per_s(miss["high"], rate)["tokens_per_s"],
+                    "tokens_per_s_high": modelled_tokens_per_s(miss["low"], rate)["tokens_per_s"],
+                }
+            )
     return rows
-
-
-def prefetch_quality(traces) -> dict[int, dict[str, float]]:
-    """Per layer: precision and recall of the next-layer guess, pooled over all traces."""
-    every = concatenate([t for phases in traces.values() for t in phases.values()])
-    return prediction_quality(every)
 
 
 # --- 4. cache-aware selection ----------------------------------------------------------------
@@ -313,10 +631,10 @@ def prefetch_quality(traces) -> dict[int, dict[str, float]]:
 class FrontierSettings:
     capacity: int = 32
     policy: str = "lru"
-    thresholds: tuple = (0.0, 0.25, 0.5, 1.0, 2.0)
-    seeds: tuple = (0, 1, 2, 3, 4)
+    thresholds: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
+    seeds: tuple = tuple(range(DEFAULT_SEEDS))
     windows_per_context: int = 1
-    window_tokens: int = 64
+    window_tokens: int = 48
 
 
 @torch.no_grad()
@@ -350,20 +668,31 @@ def bounded_cache_model(model_path, capacity: int, policy: str, device="cpu", dt
     ).eval()
 
 
+def scoring_windows(tokenizer, seed: int, count: int, length: int, corpus=None):
+    """[(context, window)]: `count` windows of `length` tokens per context from the scoring
+    documents, drawn for `seed`."""
+    corpus = corpus or load_corpus()
+    return [
+        (c, w)
+        for c in CONTEXTS
+        for w in heldout_windows(tokenizer, c, count, length, seed, corpus, "scoring")
+    ]
+
+
 def cache_aware_frontier(
     model_path, tokenizer, settings: FrontierSettings, device="cpu", dtype="float32"
 ) -> list[dict]:
     """One row per (seed, threshold): perplexity and experts read per token with a
-    `CacheAwareSelector` over a fresh bounded cache; windows drawn per seed."""
+    `CacheAwareSelector` over a fresh bounded cache; each seed scores its own windows of the
+    scoring documents."""
     rows = []
     corpus = load_corpus()
     work = [(s, t) for s in settings.seeds for t in settings.thresholds]
     windows = {
         s: [
             w
-            for c in CONTEXTS
-            for w in heldout_windows(
-                tokenizer, c, settings.windows_per_context, settings.window_tokens, s, corpus
+            for _, w in scoring_windows(
+                tokenizer, s, settings.windows_per_context, settings.window_tokens, corpus
             )
         ]
         for s in settings.seeds
@@ -387,6 +716,84 @@ def cache_aware_frontier(
             }
         )
     return rows
+
+
+def frontier_summary(rows) -> list[dict]:
+    """Per threshold, paired with threshold 0 on the same seed, t intervals over seeds of:
+    the factor by which experts read per token fall ("fewer_reads": reads at 0 / reads),
+    the relative perplexity change ("perplexity_cost"), the hit rate, reads per token and
+    perplexity. At threshold 0 the paired values are constant (1 and 0)."""
+    base = {r["seed"]: r for r in rows if r["threshold"] == 0}
+    if not base:
+        raise ValueError("the frontier needs threshold 0 (the router itself) as reference")
+    out = []
+    for threshold in sorted({r["threshold"] for r in rows}):
+        mine = [r for r in rows if r["threshold"] == threshold]
+        out.append(
+            {
+                "threshold": threshold,
+                "fewer_reads": t_interval(
+                    [
+                        base[r["seed"]]["experts_read_per_token"] / r["experts_read_per_token"]
+                        for r in mine
+                    ]
+                ),
+                "perplexity_cost": t_interval(
+                    [r["perplexity"] / base[r["seed"]]["perplexity"] - 1 for r in mine]
+                ),
+                "hit_rate": t_interval([r["hit_rate"] for r in mine]),
+                "reads_per_token": t_interval([r["experts_read_per_token"] for r in mine]),
+                "perplexity": t_interval([r["perplexity"] for r in mine]),
+            }
+        )
+    return out
+
+
+def frontier_steps(rows, field: str = "experts_read_per_token") -> list[dict]:
+    """Between consecutive thresholds: t interval over seeds of the paired difference of
+    `field` (larger threshold minus smaller)."""
+    by = {(r["seed"], r["threshold"]): r[field] for r in rows}
+    thresholds = sorted({t for _, t in by})
+    seeds = sorted({s for s, _ in by})
+    return [
+        {
+            "from": a,
+            "to": b,
+            "difference": t_interval([by[(s, b)] - by[(s, a)] for s in seeds]),
+        }
+        for a, b in zip(thresholds, thresholds[1:], strict=False)
+    ]
+
+
+def target_verdicts(summary, min_fewer: float = 1.5, max_cost: float = 0.01) -> dict:
+    """{threshold: verdict} on the target ">= min_fewer x fewer reads at <= max_cost
+    perplexity cost", from the 95% intervals: "met" (fewer-reads low >= min_fewer and cost
+    high <= max_cost), "too few reads saved" (fewer-reads high < min_fewer), "too costly"
+    (cost low > max_cost), else "open" (the intervals straddle the target)."""
+    out = {}
+    for s in summary:
+        f, c = s["fewer_reads"], s["perplexity_cost"]
+        if f["low"] >= min_fewer and c["high"] <= max_cost:
+            out[s["threshold"]] = "met"
+        elif f["high"] < min_fewer:
+            out[s["threshold"]] = "too few reads saved"
+        elif c["low"] > max_cost:
+            out[s["threshold"]] = "too costly"
+        else:
+            out[s["threshold"]] = "open"
+    return out
+
+
+def meets_target(summary, min_fewer: float = 1.5, max_cost: float = 0.01) -> list[float]:
+    """Thresholds whose intervals say >= min_fewer x fewer reads and <= max_cost cost."""
+    return [t for t, v in target_verdicts(summary, min_fewer, max_cost).items() if v == "met"]
+
+
+def first_reaching(summary, factor: float = 1.5) -> dict | None:
+    """The smallest threshold whose fewer-reads interval lies at or above `factor` (None if
+    none)."""
+    reaching = [s for s in summary if s["fewer_reads"]["low"] >= factor]
+    return min(reaching, key=lambda s: s["threshold"]) if reaching else None
 
 
 # --- 4b. trust and the cache together ---------------------------------------------------------
@@ -444,7 +851,7 @@ class TrustCacheSettings:
     capacity: int = 32
     policy: str = "lru"
     threshold: float = 0.75
-    seeds: tuple = (0, 1, 2, 3, 4)
+    seeds: tuple = tuple(range(DEFAULT_SEEDS))
     window_tokens: int = 48
     broken_per_layer: int = 2  # notebook 07's primary scenario: m = 2, noise
     pool: int = 8
@@ -474,9 +881,10 @@ def trust_and_cache(
     dtype="float32",
 ) -> list[dict]:
     """One row per (seed, arm of TRUST_CACHE_ARMS): perplexity and experts read per token on
-    the broken model through a fresh bounded cache, on the frontier's held-out windows.
-    "oracle" excludes exactly the broken experts (`OracleSelector`, perfect trust);
-    "*cache_aware" wraps the arm's selector in `CacheAwareSelector` at `threshold`."""
+    the broken model through a fresh bounded cache, on the seed's windows of the scoring
+    documents (one per context, as the frontier's). "oracle" excludes exactly the broken
+    experts (`OracleSelector`, perfect trust); "*cache_aware" wraps the arm's selector in
+    `CacheAwareSelector` at `threshold`."""
     from sage_core.trust import OracleSelector, TrustTable
 
     corpus = load_corpus()
@@ -485,11 +893,7 @@ def trust_and_cache(
     breakages, windows = {}, {}
     for seed in settings.seeds:
         breakages[seed] = seed_breakage(resident_model, tokenizer, settings, seed, corpus)
-        windows[seed] = [
-            (c, w)
-            for c in CONTEXTS
-            for w in heldout_windows(tokenizer, c, 1, settings.window_tokens, seed, corpus)
-        ]
+        windows[seed] = scoring_windows(tokenizer, seed, 1, settings.window_tokens, corpus)
     for seed, arm in progress(work, desc="trust and cache"):
         model = bounded_cache_model(model_path, settings.capacity, settings.policy, device, dtype)
         break_on_load(model, breakages[seed])
@@ -523,8 +927,6 @@ def trust_and_cache(
 def trust_cache_summary(rows, reference: str = "router") -> list[dict]:
     """Per arm, paired per seed with `reference`: relative perplexity change and the factor
     of fewer experts read per token, each a Student-t 95% interval over seeds."""
-    from sage_core.studies.trust_runs import t_interval
-
     base = {r["seed"]: r for r in rows if r["arm"] == reference}
     out = []
     for arm in dict.fromkeys(r["arm"] for r in rows):
@@ -550,56 +952,11 @@ def trust_cache_summary(rows, reference: str = "router") -> list[dict]:
 
 def paired_interval(rows, arm: str, reference: str, field: str, ratio: bool = True) -> dict:
     """t interval over seeds of arm / reference - 1 (ratio) or arm - reference, of `field`."""
-    from sage_core.studies.trust_runs import t_interval
-
     by = {(r["seed"], r["arm"]): r[field] for r in rows}
     seeds = sorted({s for s, a in by if a == arm})
     if ratio:
         return t_interval([by[(s, arm)] / by[(s, reference)] - 1 for s in seeds])
     return t_interval([by[(s, arm)] - by[(s, reference)] for s in seeds])
-
-
-def frontier_summary(rows, seed: int = 0) -> list[dict]:
-    """Per threshold, paired with threshold 0 on the same seed: the factor by which experts
-    read per token fall, and the relative perplexity change, each with a 95% bootstrap CI."""
-    base = {r["seed"]: r for r in rows if r["threshold"] == 0}
-    if not base:
-        raise ValueError("the frontier needs threshold 0 (the router itself) as reference")
-    out = []
-    for threshold in sorted({r["threshold"] for r in rows}):
-        mine = [r for r in rows if r["threshold"] == threshold]
-        fewer = [
-            base[r["seed"]]["experts_read_per_token"] / r["experts_read_per_token"] for r in mine
-        ]
-        cost = [r["perplexity"] / base[r["seed"]]["perplexity"] - 1 for r in mine]
-        hit = [r["hit_rate"] for r in mine]
-        out.append(
-            {
-                "threshold": threshold,
-                "fewer_reads": bootstrap_ci(fewer, seed=seed),
-                "perplexity_cost": bootstrap_ci(cost, seed=seed),
-                "hit_rate": bootstrap_ci(hit, seed=seed),
-            }
-        )
-    return out
-
-
-def meets_target(summary, min_fewer: float = 1.5, max_cost: float = 0.01) -> list[float]:
-    """Thresholds whose CI says >= min_fewer x fewer reads and <= max_cost perplexity cost."""
-    return [
-        s["threshold"]
-        for s in summary
-        if s["fewer_reads"]["low"] >= min_fewer and s["perplexity_cost"]["high"] <= max_cost
-    ]
-
-
-def cost_table(miss_rates: dict[str, float], links=LINKS) -> list[dict]:
-    """Modelled Q3-Omni decode bound per (arm, link) from each arm's measured miss rate."""
-    return [
-        {"arm": arm, "link": link, "miss_rate": m, **modelled_tokens_per_s(m, rate)}
-        for arm, m in miss_rates.items()
-        for link, rate in links.items()
-    ]
 
 
 # --- figures -------------------------------------------------------------------------------
@@ -613,51 +970,111 @@ POLICY_STYLE = {
 }
 
 
+def _errors(ci: dict, scale: float = 1.0) -> list[list[float]]:
+    return [[scale * (ci["mean"] - ci["low"])], [scale * (ci["high"] - ci["mean"])]]
+
+
 def plot_policies(rows):
-    """Hit rate against cache size per policy, mean over contexts (band: min-max), per phase."""
+    """Hit rate against cache size per policy, per phase: the mean over seeds of each seed's
+    mean over contexts, with its 95% t interval over seeds as a band."""
     import matplotlib.pyplot as plt
 
+    seeds = len({r["seed"] for r in rows})
     fig, axes = plt.subplots(1, len(PHASES), figsize=(10, 3.6), sharey=True)
     for ax, phase in zip(axes, PHASES, strict=True):
         for policy, (color, ls, label) in POLICY_STYLE.items():
-            mine = [r for r in rows if r["phase"] == phase and r["policy"] == policy]
-            fractions = sorted({r["fraction"] for r in mine})
-            per = [[r["hit_rate"] for r in mine if r["fraction"] == f] for f in fractions]
+            fractions = sorted({r["fraction"] for r in rows_at(rows, phase=phase, policy=policy)})
+            cis = [
+                interval(rows, "hit_rate", phase=phase, policy=policy, fraction=f)
+                for f in fractions
+            ]
             x = [100 * f for f in fractions]
-            ax.plot(x, [np.mean(p) for p in per], color=color, ls=ls, marker="o", ms=3, label=label)
+            ax.plot(x, [c["mean"] for c in cis], color=color, ls=ls, marker="o", ms=3, label=label)
             ax.fill_between(
-                x, [min(p) for p in per], [max(p) for p in per], color=color, alpha=0.12, lw=0
+                x, [c["low"] for c in cis], [c["high"] for c in cis], color=color, alpha=0.15, lw=0
             )
-        ax.set_title(f"{phase} traces")
+        ax.set_title(f"{phase} traces (scoring documents, {seeds} seeds)", fontsize=10)
         ax.set_xlabel("cache size (% of all experts)")
-    axes[0].set_ylabel("hit rate")
+        ax.set_ylim(0, 1)
+    axes[0].set_ylabel("hit rate (band: 95% t interval)")
     axes[0].legend(frameon=False, fontsize=8)
     fig.tight_layout()
     return fig
 
 
-def plot_prefetch(quality: dict, prefetch_rows):
-    """Left: next-layer guess precision per layer. Right: experts read per token, split into
-    stalls (demand misses) and read-aheads, with and without prefetch, per context and phase."""
+def plot_bounds(rows, fraction: float, horizons: dict[str, float], online: str):
+    """Share of the LRU-to-Belady gap closed at one cache size, per (context, phase), mean
+    and 95% t interval over seeds: by the chosen online policy, the hindsight static cache,
+    and Belady with each lookahead horizon."""
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [1, 2]})
+    arms = [online, "static", *(f"lookahead {label}" for label in horizons)]
+    labels = [f"{online} (online)", "static (hindsight)", *(f"see {x}" for x in horizons)]
+    by_arm = {arm: gap_closed_by_cell(rows, fraction, arm) for arm in arms}
+    cells = list(by_arm[arms[0]])
+    seeds = len({r["seed"] for r in rows})
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    width = 0.8 / len(cells)
+    for i, cell in enumerate(cells):
+        x = np.arange(len(arms)) + (i - (len(cells) - 1) / 2) * width
+        means = [by_arm[a][cell]["mean"] for a in arms]
+        err = np.array([_errors(by_arm[a][cell]) for a in arms])[:, :, 0].T
+        ax.errorbar(x, means, yerr=err, fmt="o", ms=3, capsize=2, label=f"{cell[0]} {cell[1]}")
+    ax.axhline(0.5, color="0.4", ls=":", lw=1)
+    ax.axhline(0.0, color="k", lw=0.6)
+    ax.set_xticks(np.arange(len(arms)), labels, rotation=20, fontsize=8)
+    ax.set_ylabel("share of LRU-to-Belady gap closed")
+    ax.set_title(
+        f"cache of {100 * fraction:g}% of the experts: mean and 95% t interval over {seeds} seeds",
+        fontsize=10,
+    )
+    ax.legend(frameon=False, fontsize=7, ncol=3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_prefetch(quality: dict, prefetch_rows, chance: float):
+    """Left: next-layer guess precision per layer (95% t interval over seeds) against chance.
+    Right: paired per seed, prefetch minus no prefetch, per context and phase: the change in
+    stalls (demand misses) and in experts read per token, with 95% t intervals."""
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [1, 2]})
     layers = sorted(quality)
-    left.bar([str(x) for x in layers], [quality[x]["precision"] for x in layers], color="C0")
+    left.errorbar(
+        [str(x) for x in layers],
+        [quality[x]["mean"] for x in layers],
+        yerr=np.array([_errors(quality[x]) for x in layers])[:, :, 0].T,
+        fmt="o",
+        color="C0",
+        capsize=3,
+    )
+    left.axhline(chance, color="0.5", ls=":", lw=1, label=f"chance ({chance:.3f})")
     left.set_xlabel("layer guessed (from the layer before)")
     left.set_ylabel("precision (= recall)")
     left.set_ylim(0, 1)
-    rows = [r for r in prefetch_rows if r["policy"] == prefetch_rows[0]["policy"]]
-    labels, stalls, ahead = [], [], []
-    for r in rows:
-        labels.append(f"{r['context'][:4]} {r['phase'][:3]}{' +pf' if r['prefetch'] else ''}")
-        stalls.append(r["stalls_per_token"])
-        ahead.append(r["experts_read_per_token"] - r["stalls_per_token"])
-    x = np.arange(len(rows))
-    right.bar(x, stalls, color="C3", label="demand misses (stall)")
-    right.bar(x, ahead, bottom=stalls, color="C2", label="read ahead")
-    right.set_xticks(x, labels, rotation=60, fontsize=7)
-    right.set_ylabel(f"experts read per token ({rows[0]['policy']})")
+    left.legend(frameon=False, fontsize=8)
+    policy = prefetch_rows[0]["policy"]
+    effects = {
+        "stalls per token": prefetch_effect(prefetch_rows, "stalls_per_token"),
+        "experts read per token": prefetch_effect(prefetch_rows, "experts_read_per_token"),
+    }
+    cells = list(effects["stalls per token"])
+    for i, (name, by_cell) in enumerate(effects.items()):
+        x = np.arange(len(cells)) + (i - 0.5) * 0.3
+        right.errorbar(
+            x,
+            [by_cell[c]["mean"] for c in cells],
+            yerr=np.array([_errors(by_cell[c]) for c in cells])[:, :, 0].T,
+            fmt="o",
+            color=("C3", "C2")[i],
+            capsize=2,
+            label=name,
+        )
+    right.axhline(0.0, color="k", lw=0.6)
+    right.set_xticks(np.arange(len(cells)), [f"{c} {p}" for c, p in cells], rotation=30, fontsize=8)
+    right.set_ylabel("with prefetch - without")
+    right.set_title(f"paired per seed ({policy}), 95% t intervals", fontsize=10)
     right.legend(frameon=False, fontsize=8)
     fig.tight_layout()
     return fig
@@ -665,7 +1082,7 @@ def plot_prefetch(quality: dict, prefetch_rows):
 
 def plot_frontier(summary):
     """Factor of fewer experts read per token against the perplexity cost, per threshold
-    (95% CIs over seeds), with the issue's target region."""
+    (95% t intervals over seeds, paired with threshold 0), with the issue's target region."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -678,8 +1095,8 @@ def plot_frontier(summary):
         ax.errorbar(
             100 * c["mean"],
             f["mean"],
-            xerr=[[100 * (c["mean"] - c["low"])], [100 * (c["high"] - c["mean"])]],
-            yerr=[[f["mean"] - f["low"]], [f["high"] - f["mean"]]],
+            xerr=_errors(c, 100),
+            yerr=_errors(f),
             fmt="o",
             color="C0",
             ms=4,
@@ -698,131 +1115,42 @@ def plot_frontier(summary):
         max(costs) * 1.1 + 0.5,
     )
     ax.set_ylim(0.9, top)
-    ax.set_xlabel("held-out perplexity cost (%)")
+    ax.set_xlabel("held-out perplexity cost (%), paired with threshold 0")
     ax.set_ylabel("x fewer experts read per token")
-    ax.set_title("cache-aware selection (labels: logit threshold)", fontsize=10)
+    n = summary[0]["fewer_reads"]["n"]
+    ax.set_title(
+        f"cache-aware selection, tiny model (labels: logit threshold; {n} seeds)", fontsize=10
+    )
     ax.legend(frameon=False, fontsize=8, loc="lower right")
     fig.tight_layout()
     return fig
 
 
 def plot_cost(table):
-    """Modelled Q3-Omni decode tokens/s bound per arm and link (log scale)."""
+    """Modelled Q3-Omni decode tokens/s bound per arm and link (log scale): a point at the
+    mean miss rate, a bar over the miss rate's 95% interval."""
     import matplotlib.pyplot as plt
 
     arms = list(dict.fromkeys(r["arm"] for r in table))
     links = list(dict.fromkeys(r["link"] for r in table))
-    fig, ax = plt.subplots(figsize=(8, 3.6))
+    fig, ax = plt.subplots(figsize=(8, 3.8))
     width = 0.8 / len(arms)
     for i, arm in enumerate(arms):
-        values = [
-            next(r["tokens_per_s"] for r in table if r["arm"] == arm and r["link"] == link)
-            for link in links
+        mine = [next(r for r in table if r["arm"] == arm and r["link"] == k) for k in links]
+        x = np.arange(len(links)) + (i - (len(arms) - 1) / 2) * width
+        y = np.array([r["tokens_per_s"] for r in mine])
+        err = [
+            y - [r["tokens_per_s_low"] for r in mine],
+            [r["tokens_per_s_high"] for r in mine] - y,
         ]
-        ax.bar(np.arange(len(links)) + i * width, values, width, label=arm)
-    ax.set_xticks(np.arange(len(links)) + 0.4 - width / 2, links)
+        ax.errorbar(x, y, yerr=err, fmt="o", ms=4, capsize=2, label=arm)
+    ax.set_xticks(np.arange(len(links)), links)
     ax.set_yscale("log")
     ax.set_ylabel("tokens/s upper bound (transfers only)")
+    ax.set_title(
+        "Q3-Omni decode bound, extrapolated from the tiny model's miss rates (not measured)",
+        fontsize=10,
+    )
     ax.legend(frameon=False, fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def trace_directory(traces_dir=None) -> Path:
-    """Where traces are written: `traces_dir`, or a fresh temporary directory for None."""
-    import tempfile
-
-    if traces_dir is None:
-        return Path(tempfile.mkdtemp(prefix="sage_traces_"))
-    path = Path(traces_dir)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def load_traces(directory) -> dict[str, dict[str, RoutingTrace]]:
-    """The traces `save_traces` wrote, {context: {phase: trace}}."""
-    directory = Path(directory)
-    traces = {}
-    for context in CONTEXTS:
-        for phase in PHASES:
-            path = directory / f"{context}_{phase}.npz"
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: no trace for {context}/{phase}")
-            traces.setdefault(context, {})[phase] = RoutingTrace.load(path)
-    return traces
-
-
-def rows_at(rows, **match) -> list[dict]:
-    """The rows whose fields equal every `match` value."""
-    return [r for r in rows if all(r[k] == v for k, v in match.items())]
-
-
-def mean_hit_rate(rows, policy: str, fraction: float, phase: str | None = None) -> float:
-    """A policy's hit rate at one size, averaged over contexts (and phases unless given)."""
-    match = {"policy": policy, "fraction": fraction}
-    if phase is not None:
-        match["phase"] = phase
-    mine = rows_at(rows, **match)
-    if not mine:
-        raise ValueError(f"no rows for {match}")
-    return float(np.mean([r["hit_rate"] for r in mine]))
-
-
-def belady_violations(rows) -> list[dict]:
-    """Rows of a demand policy (online, or Belady with a horizon) that beat Belady on the
-    same trace and size (none if exact). The static cache bypasses the cache on a miss, so
-    Belady does not bound it and it is not checked."""
-    return [
-        r
-        for r in rows
-        if r["policy"] not in ("belady", "static")
-        and r["hit_rate"]
-        > rows_at(
-            rows, context=r["context"], phase=r["phase"], fraction=r["fraction"], policy="belady"
-        )[0]["hit_rate"]
-    ]
-
-
-def prefetch_pairs(prefetch_rows) -> list[tuple[dict, dict]]:
-    """(without, with prefetch) rows of the same context, phase and policy."""
-    plain = {(r["context"], r["phase"], r["policy"]): r for r in prefetch_rows if not r["prefetch"]}
-    return [
-        (plain[(r["context"], r["phase"], r["policy"])], r) for r in prefetch_rows if r["prefetch"]
-    ]
-
-
-def best_within_cost(summary, max_cost: float = 0.01) -> dict:
-    """The threshold saving the most reads (mean) whose perplexity cost CI stays <= max_cost."""
-    cheap = [s for s in summary if s["perplexity_cost"]["high"] <= max_cost]
-    if not cheap:
-        raise ValueError(f"no threshold keeps the perplexity cost CI within {max_cost}")
-    return max(cheap, key=lambda s: s["fewer_reads"]["mean"])
-
-
-def first_reaching(summary, factor: float = 1.5) -> dict | None:
-    """The smallest threshold whose mean reads fall by at least `factor` (None if none)."""
-    reaching = [s for s in summary if s["fewer_reads"]["mean"] >= factor]
-    return min(reaching, key=lambda s: s["threshold"]) if reaching else None
-
-
-def plot_bounds(rows, fraction: float, horizons: dict[str, float], online: str):
-    """Share of the LRU-to-Belady gap closed at one cache size, per (context, phase): by the
-    best online policy, the hindsight static cache, and Belady with each lookahead horizon."""
-    import matplotlib.pyplot as plt
-
-    arms = [online, "static", *(f"lookahead {label}" for label in horizons)]
-    labels = [f"{online} (online)", "static (hindsight)", *(f"see {x}" for x in horizons)]
-    fig, ax = plt.subplots(figsize=(9, 3.6))
-    keys = list(gap_closed(rows, fraction, arms[0]))
-    width = 0.8 / len(keys)
-    for i, key in enumerate(keys):
-        shares = [gap_closed(rows, fraction, arm)[key] for arm in arms]
-        ax.bar(np.arange(len(arms)) + i * width, shares, width, label=f"{key[0]} {key[1]}")
-    ax.axhline(0.5, color="0.4", ls=":", lw=1)
-    ax.axhline(0.0, color="k", lw=0.6)
-    ax.set_xticks(np.arange(len(arms)) + 0.4 - width / 2, labels, rotation=20, fontsize=8)
-    ax.set_ylabel("share of LRU-to-Belady gap closed")
-    ax.set_title(f"cache of {100 * fraction:g}% of the experts", fontsize=10)
-    ax.legend(frameon=False, fontsize=7, ncol=3)
     fig.tight_layout()
     return fig
