@@ -29,7 +29,7 @@ BROKEN = {"m": 2, "pool": 8, "kind": "noise", "contexts": None}  # notebook 07's
 NO_HARM_MARGIN = 0.005  # "no harm": held-out perplexity within +-0.5% of the router's (TOST)
 MIN_DAMAGE = 0.01  # recovery is scored on seeds whose breakage raised perplexity by > 1%
 EQUIVALENCE_MARGIN = 0.1  # two arms' recoveries "level" when within +-0.1 (TOST)
-NO_HARM_CHECKPOINTS = (0.25, 0.5, 1.0)  # of 4x the curve's windows: 1x, 2x and 4x its budget
+NO_HARM_CHECKPOINTS = (0.5, 1.0)  # of 2x the curve's windows: 1x and 2x its budget
 ARM_COLORS = {
     "counterfactual": "C0",
     "learned_bias": "C1",

@@ -825,21 +825,16 @@ def run_arms(
 
 def arm_summary(rows: list[dict], reference: str = "router", context: str = "all") -> list[dict]:
     """Per arm (rows of one checkpoint): mean perplexity, the paired relative change
-    against `reference` with its t interval, and the training compute per seed."""
+    against `reference` (its `statistics.t_interval`), and the training compute per seed."""
     out = []
     for arm in dict.fromkeys(r["arm"] for r in rows):
         mine = [r for r in rows if r["arm"] == arm and r["context"] == context]
-        change = t_interval(paired(rows, arm, reference, context))
         out.append(
             {
                 "arm": arm,
                 "context": context,
-                "seeds": change["n"],
                 "perplexity": float(np.mean([r["perplexity"] for r in mine])),
-                "change": change["mean"],
-                "low": change["low"],
-                "high": change["high"],
-                "constant": change["constant"],
+                "change": t_interval(paired(rows, arm, reference, context)),
                 "forward_equivalents": mine[0]["forward_equivalents"],
                 "forward": mine[0]["forward"],
                 "backward": mine[0]["backward"],
