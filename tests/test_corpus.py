@@ -72,15 +72,45 @@ def test_manifest_fields_match_the_files(small_build):
             assert part["text_bytes"] == sum(len(d.encode()) for d in docs)
 
 
+def _normalised(docs):
+    """The documents as compared for identity (whitespace runs as one space): written out
+    here, not imported, so that a broken `corpus.normalise` cannot pass these tests."""
+    return [" ".join(d.split()) for d in docs]
+
+
+def _assert_heldout_is_clean(c):
+    for context in CONTEXTS:
+        train = set(_normalised(c.documents(context, "train")))
+        held = _normalised(c.documents(context, "heldout"))
+        assert train and held, context
+        in_train = [d for d in held if d in train]
+        assert not in_train, f"{context}: {len(in_train)} held-out documents are in train"
+        repeats = len(held) - len(set(held))
+        assert repeats == 0, f"{context}: {repeats} held-out documents repeat an earlier one"
+
+
 def test_split_is_by_document_and_disjoint(small_build):
     c = load_corpus(small_build, SMALL)
+    _assert_heldout_is_clean(c)
     for context in CONTEXTS:
-        train, held = c.documents(context, "train"), c.documents(context, "heldout")
-        assert train and held
-        assert not set(train) & set(held), context
-        # held-out is filled first, document by document, so it stops just past its budget
-        sizes = [len(d.encode()) for d in held]
-        assert sum(sizes[:-1]) < SMALL.heldout_bytes <= sum(sizes)
+        # held-out is filled first, document by document, so it stops just past its budget,
+        # then loses the documents that are in train or repeat (the manifest counts them)
+        sizes = [len(d.encode()) for d in c.documents(context, "heldout")]
+        dropped = c.manifest["parts"][f"{context}/heldout"]["dropped"]
+        assert sum(sizes[:-1]) < SMALL.heldout_bytes
+        if dropped == {"in_train": 0, "repeated": 0}:
+            assert SMALL.heldout_bytes <= sum(sizes), context
+
+
+def test_split_drops_heldout_documents_in_train_or_repeated(monkeypatch):
+    # held-out fills to 10 bytes: "p q\n" (4), "r", "p  q" (4), "s"; train to 3: "t", "r "
+    stream = ["p q\n", "r", "p  q", "s", "t", "r ", "u"]
+    monkeypatch.setattr(corpus, "_documents", lambda context, config: iter(stream))
+    parts, dropped = corpus.split_documents("text", CorpusConfig(train_bytes=3, heldout_bytes=10))
+    assert parts["train"] == ["t", "r "]  # train is what the fill gave, untouched
+    assert parts["heldout"] == ["p q\n", "s"]  # "r" is in train, "p  q" repeats "p q\n"
+    assert dropped == {"in_train": 1, "repeated": 1}
+    assert corpus.normalise(" a\n\tb  c ") == "a b c"
 
 
 def test_contexts_hold_what_they_say(small_build):
@@ -171,11 +201,23 @@ def test_snapshot_loads_and_matches_its_manifest():
         assert sum(len(d.encode()) for d in docs) == part["text_bytes"], key
 
 
+def test_snapshot_heldout_is_deduplicated_and_disjoint_from_train():
+    """What the notebooks read (`load_corpus()`): in every context, no held-out document is
+    a training document and none repeats (after whitespace normalisation)."""
+    _assert_heldout_is_clean(load_corpus())
+
+
 def test_snapshot_is_the_corpus_the_model_and_notebooks_were_made_from():
-    sha = load_snapshot().sha256
-    for name in ("training_config.json", "metrics.json"):
-        recorded = json.loads((MODELS / "q3omni-tiny" / name).read_text())
-        assert recorded["corpus_manifest_sha256"] == sha, name
+    snapshot = load_snapshot()
+    sha = snapshot.sha256
+    metrics = json.loads((MODELS / "q3omni-tiny" / "metrics.json").read_text())
+    assert metrics["corpus_manifest_sha256"] == sha
+    # The model was trained on exactly these train parts (held-out parts may have changed
+    # since: training_config.json keeps the manifest sha256 of its own time).
+    training = json.loads((MODELS / "q3omni-tiny" / "training_config.json").read_text())
+    assert training["corpus_train_sha256"] == {
+        c: snapshot.manifest["parts"][f"{c}/train"]["sha256"] for c in CONTEXTS
+    }
     nb = nbformat.read(NOTEBOOKS / "03_baseline_generation.ipynb", as_version=4)
     printed = json.dumps([cell.get("outputs", []) for cell in nb.cells])
     assert f"corpus manifest sha256: {sha[:16]}" in printed

@@ -12,10 +12,16 @@ Every machine with the pinned Python has the material, so nothing is downloaded:
   drawn from ``random.Random`` seeded by the build seed (``reasoning_document``).
 
 A document is a source file, a module's docstring group, a pydoc topic or one problem. The
-train / held-out split is by document, never by line. Each part is one JSON-lines file (one
-JSON string per document), stored xz-compressed as ``<part>.jsonl.xz``; ``manifest.json``
-records each part's decompressed size, sha256 and document count, the build configuration and
-the Python version.
+train / held-out split is by document, never by line, and held-out text is never training
+text: a held-out document equal to a training document, or to an earlier held-out one, once
+whitespace is normalised (`normalise`), is dropped (`split_documents`; the generated
+problems repeat, so this shrinks the reasoning held-out split below its budget). Training
+documents are never dropped or moved, so dropping changes no training split. The manifest
+records, per held-out part, how many documents were dropped and why.
+
+Each part is one JSON-lines file (one JSON string per document), stored xz-compressed as
+``<part>.jsonl.xz``; ``manifest.json`` records each part's decompressed size, sha256 and
+document count, the build configuration and the Python version.
 
 The stdlib differs between Python releases, so the corpus is not rebuilt at run time: the
 built corpus is committed as a snapshot (``SNAPSHOT_DIR``, built with ``REFERENCE_PYTHON``),
@@ -45,7 +51,7 @@ from sage_core.paths import DATA, ROOT
 
 CONTEXTS = ("code", "reasoning", "text")
 SPLITS = ("train", "heldout")
-CORPUS_VERSION = 1
+CORPUS_VERSION = 2  # 2: held-out parts deduplicated and disjoint from train
 REFERENCE_PYTHON = "3.11.7"  # the Python that built the committed snapshot
 SNAPSHOT_DIR = Path(__file__).resolve().parent / "snapshot"  # committed; what everything reads
 DEFAULT_DIR = DATA / "corpus"  # where a regenerating build goes unless told otherwise
@@ -446,16 +452,30 @@ def _documents(context: str, config: CorpusConfig):
             yield doc
 
 
-def split_documents(context: str, config: CorpusConfig) -> dict[str, list[str]]:
-    """Held-out first, then train, each filled document by document up to its byte budget."""
-    parts: dict[str, list[str]] = {"heldout": [], "train": []}
+def normalise(doc: str) -> str:
+    """The text two documents are compared by: every run of whitespace becomes one space,
+    none at either end. Documents equal after this are the same document."""
+    return " ".join(doc.split())
+
+
+def split_documents(
+    context: str, config: CorpusConfig
+) -> tuple[dict[str, list[str]], dict[str, int]]:
+    """(parts, dropped): held-out first, then train, each filled document by document up to
+    its byte budget; then every held-out document that equals (`normalise`) a training
+    document, or an earlier held-out one, is dropped. Train is exactly what the fill gave,
+    so a held-out split is always disjoint from train and free of repeats, at the price of
+    falling short of its budget where documents repeat. `dropped` counts the held-out
+    documents dropped: {"in_train": ..., "repeated": ...} (a repeat of an earlier held-out
+    document that is also in train counts as in_train)."""
+    filled: dict[str, list[str]] = {"heldout": [], "train": []}
     sizes = {"heldout": 0, "train": 0}
     budgets = {"heldout": config.heldout_bytes, "train": config.train_bytes}
     for doc in _documents(context, config):
         split = "heldout" if sizes["heldout"] < budgets["heldout"] else "train"
         if sizes[split] >= budgets[split]:
             break
-        parts[split].append(doc)
+        filled[split].append(doc)
         sizes[split] += len(doc.encode("utf-8"))
     for split in SPLITS:
         if sizes[split] < budgets[split]:
@@ -464,7 +484,19 @@ def split_documents(context: str, config: CorpusConfig) -> dict[str, list[str]]:
                 f"(asked {budgets[split]}); the stdlib of this Python is smaller",
                 stacklevel=2,
             )
-    return parts
+    in_train = {normalise(doc) for doc in filled["train"]}
+    seen: set[str] = set()
+    heldout, dropped = [], {"in_train": 0, "repeated": 0}
+    for doc in filled["heldout"]:
+        key = normalise(doc)
+        if key in in_train:
+            dropped["in_train"] += 1
+        elif key in seen:
+            dropped["repeated"] += 1
+        else:
+            seen.add(key)
+            heldout.append(doc)
+    return {"heldout": heldout, "train": filled["train"]}, dropped
 
 
 def _part_bytes(docs: list[str]) -> bytes:
@@ -511,7 +543,7 @@ def build_corpus(directory: Path | str | None = None, config: CorpusConfig | Non
         )
     parts = {}
     for context in CONTEXTS:
-        split = split_documents(context, config)
+        split, dropped = split_documents(context, config)
         for name in SPLITS:
             data = _part_bytes(split[name])
             file = part_name(context, name)
@@ -524,6 +556,7 @@ def build_corpus(directory: Path | str | None = None, config: CorpusConfig | Non
                 "documents": len(split[name]),
                 "sha256": hashlib.sha256(data).hexdigest(),
             }
+        parts[f"{context}/heldout"]["dropped"] = dropped
     manifest = {
         "corpus_version": CORPUS_VERSION,
         "config": asdict(config),
