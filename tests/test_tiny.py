@@ -5,13 +5,14 @@ The slow test retrains it from scratch and checks the metrics reproduce (not in 
 
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
 from sage_core.checkpoint import load_thinker
-from sage_core.corpus import CONTEXTS, load_corpus
+from sage_core.corpus import CONTEXTS, load_corpus, load_snapshot
 from sage_core.corpus.heldout import fit_ngram, heldout_documents
 from sage_core.model.config import read_config
 from sage_core.model.thinker import Qwen3OmniThinker
@@ -23,9 +24,11 @@ from sage_core.training.default_model import (
     build_model,
     checkpoint_state_dict,
     learning_rate,
+    rewrite_metrics,
     sample_batch,
     smoke_bits_per_byte,
     train_model,
+    train_parts_sha256,
 )
 
 MAX_BYTES = 25 * 1024 * 1024
@@ -123,8 +126,20 @@ def test_metrics_fields_are_present_and_consistent(metrics):
         }
         assert all(0 <= v <= 1 for v in routing["js_divergence"][layer].values())
     training = json.loads((TINY_DIR / "training_config.json").read_text())
-    assert training["corpus_manifest_sha256"] == metrics["corpus_manifest_sha256"]
+    assert training["corpus_train_sha256"] == train_parts_sha256(load_snapshot())
     assert training["model_config_sha256"] == TINY_CONFIG.config_hash()
+
+
+def test_metrics_are_rewritten_only_for_the_data_the_model_was_trained_on(tmp_path):
+    model_dir = tmp_path / "tiny"
+    shutil.copytree(TINY_DIR, model_dir)
+    training = json.loads((model_dir / "training_config.json").read_text())
+    training["corpus_train_sha256"]["code"] = "0" * 64
+    (model_dir / "training_config.json").write_text(json.dumps(training))
+    before = (model_dir / "metrics.json").read_bytes()
+    with pytest.raises(ValueError, match="retrain"):
+        rewrite_metrics(model_dir)
+    assert (model_dir / "metrics.json").read_bytes() == before
 
 
 def test_smoke_metrics_reproduce_from_the_committed_weights(tiny, corpus, metrics, one_thread):

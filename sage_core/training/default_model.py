@@ -1,6 +1,7 @@
 """The embedded default model: a tiny Qwen3-Omni thinker trained here, on CPU, on the corpus.
 
     python -m sage_core.training.default_model train [--out DIR] [--steps N] [--threads T]
+    python -m sage_core.training.default_model metrics [--model DIR] [--write]
 
 Sizes (`TINY_CONFIG`), and why:
 
@@ -278,6 +279,13 @@ def _curve_figure(curve, directory: Path) -> None:
     plt.close(fig)
 
 
+def train_parts_sha256(corpus: Corpus) -> dict[str, str]:
+    """{context: sha256 of its train part}: what training reads, recorded in
+    training_config.json. A corpus whose held-out parts change (and with them the manifest's
+    sha256) keeps these, so a model's training data can be checked without retraining."""
+    return {c: corpus.manifest["parts"][f"{c}/train"]["sha256"] for c in CONTEXTS}
+
+
 def compute_metrics(model_dir: Path | str, corpus: Corpus, threads: int | None = None) -> dict:
     """metrics.json for the checkpoint in `model_dir`, loaded through `load_thinker`."""
     from sage_core.checkpoint import load_thinker
@@ -342,6 +350,7 @@ def train(out_dir: Path | str = TINY_DIR, cfg: TrainConfig | None = None) -> dic
             "model_config": TINY_CONFIG.to_dict(),
             "model_config_sha256": TINY_CONFIG.config_hash(),
             "corpus_manifest_sha256": corpus.sha256,
+            "corpus_train_sha256": train_parts_sha256(corpus),
             "corpus_config": corpus.manifest["config"],
             "python_version": platform.python_version(),
             "torch_version": torch.__version__,
@@ -377,6 +386,28 @@ def train(out_dir: Path | str = TINY_DIR, cfg: TrainConfig | None = None) -> dic
     return metrics
 
 
+def rewrite_metrics(model_dir: Path | str = TINY_DIR, threads: int | None = 1) -> dict:
+    """Recompute metrics.json of a trained checkpoint on the current corpus and write it,
+    keeping its `training_run` record: for a corpus whose held-out parts changed while its
+    train parts did not (training_config.json's `corpus_train_sha256`). Anything else is
+    an error: a model trained on other data has to be retrained."""
+    model_dir = Path(model_dir)
+    corpus = load_corpus()
+    training = json.loads((model_dir / "training_config.json").read_text(encoding="utf-8"))
+    recorded = training.get("corpus_train_sha256")
+    if recorded != train_parts_sha256(corpus):
+        raise ValueError(
+            f"{model_dir}: trained on train parts {recorded}, the corpus holds "
+            f"{train_parts_sha256(corpus)}; retrain instead of rewriting its metrics"
+        )
+    metrics = compute_metrics(model_dir, corpus, threads)
+    old = json.loads((model_dir / "metrics.json").read_text(encoding="utf-8"))
+    if "training_run" in old:
+        metrics["training_run"] = old["training_run"]
+    atomic_write_json(model_dir / "metrics.json", metrics)
+    return metrics
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sage_core.training.default_model")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -394,6 +425,12 @@ def main(argv=None) -> int:
     p.add_argument("--aux-loss-coef", type=float, default=defaults.aux_loss_coef)
     m = commands.add_parser("metrics", help="recompute metrics.json values for a checkpoint")
     m.add_argument("--model", default=str(TINY_DIR))
+    m.add_argument(
+        "--write",
+        action="store_true",
+        help="write them to its metrics.json (only if its train data are the corpus's)",
+    )
+    m.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args(argv)
     if args.command == "train":
         if args.steps < 1:
@@ -406,8 +443,10 @@ def main(argv=None) -> int:
             aux_loss_coef=args.aux_loss_coef,
         )
         metrics = train(args.out, cfg)
+    elif args.write:
+        metrics = rewrite_metrics(args.model, args.threads)
     else:
-        metrics = compute_metrics(args.model, load_corpus())
+        metrics = compute_metrics(args.model, load_corpus(), args.threads)
     summary = {k: metrics[k] for k in ("bits_per_byte", "ngram_order2_bits_per_byte")}
     print(json.dumps(summary, indent=2, sort_keys=True))
     return 0
