@@ -134,7 +134,7 @@ def equivalence(values, margin: float, alpha: float = 0.05) -> dict:
     larger one-sided p-value), "equivalent" (p < alpha), "margin", "n", "constant"}.
     A constant sample is equivalent exactly when its value lies inside the margin."""
     if not margin > 0:
-        raise ValueError(f"margin must be > 0, got {margin!r}")
+        raise ValueError(f"equivalence: margin must be > 0, got {margin!r}")
     x = _finite(values, "equivalence", 2)
     if np.all(x == x[0]):
         inside = abs(float(x[0])) < margin
