@@ -279,37 +279,6 @@ def _context_for(sample, context_source, assigner, model) -> str:
     return assigner.assign(model, sample.prompt)
 
 
-def bootstrap_ci(
-    values, confidence: float = 0.95, num_resamples: int = 10_000, seed: int = 0
-) -> dict:
-    """Percentile bootstrap CI of the mean, from a seeded numpy Generator.
-
-    Returns {"mean", "low", "high", "n"}. One value (or identical values) gives a
-    zero-width interval at that value; no values is an error.
-    """
-    x = np.asarray(values, dtype=np.float64).reshape(-1)
-    if x.size == 0:
-        raise ValueError("bootstrap_ci needs at least one value")
-    if not np.all(np.isfinite(x)):
-        raise ValueError("bootstrap_ci values must be finite")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
-    if num_resamples < 1:
-        raise ValueError(f"num_resamples must be >= 1, got {num_resamples!r}")
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, x.size, size=(num_resamples, x.size))].mean(axis=1)
-    tail = (1 - confidence) / 2
-    low, high = np.quantile(means, [tail, 1 - tail])
-    mean = float(x.mean())
-    # Identical values: quantiles of identical means can differ from the mean by rounding.
-    return {
-        "mean": mean,
-        "low": min(float(low), mean),
-        "high": max(float(high), mean),
-        "n": int(x.size),
-    }
-
-
 # --- the report's ten generations, done right ---------------------------------------------
 
 
@@ -447,10 +416,11 @@ def _jsonable(obj):
 
 def verdict(row: dict) -> str:
     """What a CI of the relative perplexity change (trust vs router) supports:
-    "improvement" (CI below zero), "harm" (CI above zero) or "no difference"."""
+    "improvement" (CI below zero), "harm" (CI above zero) or "inconclusive" (CI contains
+    zero: absence of evidence, not "no difference"; that needs `statistics.equivalence`)."""
     if row["ci_high"] < 0:
         return "improvement"
-    return "harm" if row["ci_low"] > 0 else "no difference"
+    return "harm" if row["ci_low"] > 0 else "inconclusive"
 
 
 def plot_generations(baseline: list[dict], trust: list[dict]):
