@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from checkpoints import toy_config
@@ -180,3 +181,31 @@ def test_different_draws_gap_pairs_seeds_and_counts_gaps_by_hand():
     assert got["share_either_lower"] == 1.0  # pair (2, 3): 9 <= 0.752 * 13
     with pytest.raises(ValueError, match="two seeds"):
         different_draws_gap(rows, "trust")
+
+
+def test_effect_rows_keep_each_runs_value_and_the_draws_figure_shows_them():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    model = tiny_model()
+    result = ap.run_report_protocol(model, PROTOCOL, seed=2)
+    for e in result["effects"]:
+        runs = [r["ppl"] for r in result["runs"] if r["arm"] == e["arm"]]
+        assert e["ppls"] == runs and len(runs) == PROTOCOL.num_runs
+        assert e["effect"] == pytest.approx(ap.learning_effect(e["ppls"], PROTOCOL.window))
+    rows = ap.effect_distribution(model, PROTOCOL, [4, 2, 3], show_progress=False)
+    assert [r["seed"] for r in ap.protocol_draws(rows, "baseline", 2)] == [2, 3]
+    with pytest.raises(ValueError, match="4 draws"):
+        ap.protocol_draws(rows, "baseline", 4)
+    fig = ap.plot_protocol_draws(rows, "baseline", draws=3, window=PROTOCOL.window)
+    try:
+        raw, scaled = fig.axes
+        assert len(raw.lines) == 3  # one line per draw
+        for line, row in zip(raw.lines, ap.protocol_draws(rows, "baseline", 3), strict=True):
+            assert list(line.get_ydata()) == row["ppls"]
+        first = scaled.lines[0].get_ydata()
+        assert np.mean(first[: PROTOCOL.window]) == pytest.approx(1.0)  # scaled to runs 1-3
+    finally:
+        plt.close(fig)

@@ -39,7 +39,10 @@ from sage_core.trust import REPORT_PRIOR, TrustSelector, TrustTable
 from sage_core.trust.classifier import ContextClassifier
 
 ARMS = ("baseline", "trust", "trust_no_update")
-REPORT_EFFECT = (15.27 - 9.96) / 15.27  # the report's "+34.8%"
+REPORT_FIRST = 15.27  # the report's trust arm, mean of its first three runs
+REPORT_FINAL = 9.96  # the report's "final performance": mean of its last three trust runs
+REPORT_BASELINE = 13.24  # the report's router-only baseline
+REPORT_EFFECT = (REPORT_FIRST - REPORT_FINAL) / REPORT_FIRST  # the report's "+34.8%"
 
 
 # --- the metric ---------------------------------------------------------------------------
@@ -155,8 +158,8 @@ def run_report_protocol(model, protocol: ReportProtocol, seed: int) -> dict[str,
     """One rerun of the report's experiment: the three arms on the same random inputs.
 
     Returns {"runs": one row per (arm, run): context, ppl, quality, mean trust of the
-    updated experts after the run; "effects": one row per arm; "tables": {arm: final
-    TrustTable} for the trust arms}.
+    updated experts after the run; "effects": one row per arm, with its runs' values in
+    order ("ppls"); "tables": {arm: final TrustTable} for the trust arms}.
     """
     if not model.sparse_blocks():
         raise ValueError("the model holds no sparse (MoE) layer; the report's run needs one")
@@ -219,6 +222,7 @@ def run_report_protocol(model, protocol: ReportProtocol, seed: int) -> dict[str,
                     "last_mean": float(np.mean(ppls[-w:])),
                     "mean": float(np.mean(ppls)),
                     "effect": learning_effect(ppls, w),
+                    "ppls": list(ppls),
                 }
             )
     finally:
@@ -265,10 +269,6 @@ def summarise_effects(rows: list[dict], observed: float = REPORT_EFFECT) -> list
             }
         )
     return out
-
-
-REPORT_FINAL = 9.96  # the report's "final performance" of the trust arm
-REPORT_BASELINE = 13.24  # the report's router-only baseline
 
 
 def different_draws_gap(rows: list[dict], arm: str = "baseline") -> dict:
@@ -380,6 +380,68 @@ def plot_effect_distribution(
     )
     ax.set_ylabel("seeds")
     ax.legend(frameon=False, fontsize=8, loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+def protocol_draws(rows: list[dict], arm: str = "trust_no_update", draws: int = 20) -> list[dict]:
+    """The effect rows of `arm` for the `draws` lowest seeds (one random draw of inputs
+    each), in seed order: the runs a reader of one such protocol would have been shown."""
+    chosen = sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["seed"])[:draws]
+    if draws < 1 or len(chosen) < draws:
+        raise ValueError(f"asked for {draws} draws of arm {arm!r}, the rows hold {len(chosen)}")
+    return chosen
+
+
+def plot_protocol_draws(
+    rows: list[dict], arm: str = "trust_no_update", draws: int = 20, window: int = 3
+):
+    """The report's protocol as its reader saw it, when nothing learns: one thin line per
+    random draw (`protocol_draws`) of the per-run "perplexity" over runs 1..n. Left: the
+    values as printed; right: each draw divided by the mean of its first `window` runs,
+    with the report's trust run (15.27 over its first three runs, 9.96 over its last
+    three) on the same scale. Draws whose "learning effect" reaches the report's +34.8%
+    are drawn in red."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    chosen = protocol_draws(rows, arm, draws)
+    fig, (raw_ax, rel_ax) = plt.subplots(1, 2, figsize=(9.5, 3.8))
+    n = len(chosen[0]["ppls"])
+    runs = np.arange(1, n + 1)
+    reached = 0
+    for r in chosen:
+        ppls = np.asarray(r["ppls"], dtype=np.float64)
+        hit = r["effect"] >= REPORT_EFFECT
+        reached += hit
+        color, lw, alpha = ("C3", 1.3, 0.95) if hit else ("0.4", 0.7, 0.55)
+        raw_ax.plot(runs, ppls, color=color, lw=lw, alpha=alpha)
+        rel_ax.plot(runs, ppls / ppls[:window].mean(), color=color, lw=lw, alpha=alpha)
+    report = REPORT_FINAL / REPORT_FIRST
+    rel_ax.hlines(1.0, 1, window, color="k", lw=3)
+    rel_ax.hlines(report, n - window + 1, n, color="k", lw=3)
+    rel_ax.plot([window, n - window + 1], [1.0, report], color="k", ls=":", lw=1)
+    for ax in (raw_ax, rel_ax):
+        ax.set_xticks(runs)
+        ax.set_xlabel("run")
+    raw_ax.set_ylabel('"perplexity" exp(CE(logits, argmax))')
+    raw_ax.set_title(f"{len(chosen)} draws of random inputs, as printed", fontsize=9)
+    rel_ax.set_ylabel(f"relative to the mean of runs 1-{window}")
+    rel_ax.set_title(
+        f"the same draws, scaled; the report's {REPORT_FIRST} -> {REPORT_FINAL}", fontsize=9
+    )
+    handles = [
+        Line2D([], [], color="0.4", lw=0.7, label="one draw, nothing learns"),
+        Line2D(
+            [],
+            [],
+            color="C3",
+            lw=1.3,
+            label=f"effect >= +{100 * REPORT_EFFECT:.1f}%: {reached} draws",
+        ),
+        Line2D([], [], color="k", lw=3, label=f"report: {REPORT_FIRST} -> {REPORT_FINAL}"),
+    ]
+    rel_ax.legend(handles=handles, frameon=False, fontsize=8, loc="lower left")
     fig.tight_layout()
     return fig
 
