@@ -146,6 +146,14 @@ def interval_of(row: dict, key: str) -> dict:
     }
 
 
+def _errorbar(ax, x, rows, key: str, fmt: str, color: str, label: str) -> None:
+    """Sweep-table rows' `key` at `x` with their `key`_low .. `key`_high intervals."""
+    mid = [r[key] for r in rows]
+    low = [m - r[f"{key}_low"] for m, r in zip(mid, rows, strict=True)]
+    high = [r[f"{key}_high"] - m for m, r in zip(mid, rows, strict=True)]
+    ax.errorbar(x, mid, yerr=[low, high], fmt=fmt, color=color, capsize=2, label=label)
+
+
 def plot_grid(grid: list[dict], budget: list[dict]):
     """Left: recovery (ratio of means, 95% interval) of the oracle reference, the
     counterfactual arm and the learned bias per scenario of the committed grid. Right: the
@@ -159,18 +167,8 @@ def plot_grid(grid: list[dict], budget: list[dict]):
     for offset, (arm, color) in enumerate(
         (("oracle", "k"), ("counterfactual", "C0"), ("learned_bias", "C1"))
     ):
-        mid = [r[f"{arm}_recovery"] for r in grid]
-        left.errorbar(
-            [i + 0.15 * (offset - 1) for i in x],
-            mid,
-            yerr=[
-                [m - r[f"{arm}_recovery_low"] for m, r in zip(mid, grid, strict=True)],
-                [r[f"{arm}_recovery_high"] - m for m, r in zip(mid, grid, strict=True)],
-            ],
-            fmt="o",
-            color=color,
-            capsize=2,
-            label=arm,
+        _errorbar(
+            left, [i + 0.15 * (offset - 1) for i in x], grid, f"{arm}_recovery", "o", color, arm
         )
     left.set_xticks(list(x), [f"m={r['m']}\n{r['kind']}" for r in grid], fontsize=8)
     left.axhline(0, color="0.4", lw=0.8)
@@ -179,20 +177,7 @@ def plot_grid(grid: list[dict], budget: list[dict]):
     budget = sorted(budget, key=lambda r: r["num_windows"])
     fe = [r["forward_equivalents"] for r in budget]
     for arm, color in (("counterfactual", "C0"), ("learned_bias", "C1")):
-        key = f"{arm}_relative_to_oracle"
-        mid = [r[key] for r in budget]
-        right.errorbar(
-            fe,
-            mid,
-            yerr=[
-                [m - r[f"{key}_low"] for m, r in zip(mid, budget, strict=True)],
-                [r[f"{key}_high"] - m for m, r in zip(mid, budget, strict=True)],
-            ],
-            fmt="o-",
-            color=color,
-            capsize=2,
-            label=arm,
-        )
+        _errorbar(right, fe, budget, f"{arm}_relative_to_oracle", "o-", color, arm)
     right.axhline(1, color="k", ls="--", lw=1, label="oracle reference")
     right.set_xscale("log")
     right.set_xlabel("training compute per seed (forward equivalents)")
