@@ -2,6 +2,7 @@
 sage_core.studies.unreliable_experts)."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import torch
 from checkpoints import toy_config
 
 from sage_core.corpus import CONTEXTS
+from sage_core.dtypes.quantize import fake_quantize
 from sage_core.model.thinker import Qwen3OmniThinker
 from sage_core.studies import experiments, trust_runs, unreliable_experts
 from sage_core.studies.experiments import Sample
@@ -40,7 +42,7 @@ def windows(n_per_context=2, seed=0, length=12):
 
 
 @pytest.mark.parametrize("kind", trust_runs.KINDS)
-def test_breakage_is_scoped_keeps_norm_touches_only_chosen_and_restores(kind):
+def test_breakage_is_scoped_touches_only_chosen_and_restores(kind):
     model = tiny_model()
     before = state(model)
     breakage = trust_runs.Breakage(model, CHOSEN, kind, seed=7, contexts=("code",))
@@ -48,26 +50,45 @@ def test_breakage_is_scoped_keeps_norm_touches_only_chosen_and_restores(kind):
     assert all(torch.equal(v, before[k]) for k, v in state(model).items())
     with breakage.active("text") as on:
         assert not on and all(torch.equal(v, before[k]) for k, v in state(model).items())
+    changed = trust_runs.BROKEN_PROJECTIONS[kind]
     with breakage.active("code") as on:
         assert on
         after = state(model)
         for key, value in before.items():
-            if not key.endswith("mlp.experts.down_proj"):
+            if key.split(".")[-1] not in changed or ".mlp.experts." not in key:
                 assert torch.equal(after[key], value), key
                 continue
             layer = int(key.split(".")[2])
             for e in range(CONFIG.num_experts):
-                if e in CHOSEN[layer]:
-                    assert not torch.equal(after[key][e], value[e])
+                if e not in CHOSEN[layer]:
+                    assert torch.equal(after[key][e], value[e]), (key, e)
+                    continue
+                assert not torch.equal(after[key][e], value[e])
+                if kind == "noise":
                     assert float(after[key][e].norm()) == pytest.approx(
                         float(value[e].norm()), rel=1e-5
                     )
-                    if kind == "sign_flip":
-                        assert torch.equal(after[key][e], -value[e])
+                elif kind == "sign_flip":
+                    assert torch.equal(after[key][e], -value[e])
+                elif kind == "float8":
+                    assert torch.equal(after[key][e], value[e].to(torch.float8_e4m3fn).float())
                 else:
-                    assert torch.equal(after[key][e], value[e]), (key, e)
+                    group = math.gcd(64, value.shape[-1])
+                    expected = fake_quantize(value[e], int(kind[3:]), group)
+                    assert torch.equal(after[key][e], expected)
     assert all(torch.equal(v, before[k]) for k, v in state(model).items())
     assert breakage.broken_by_context() == {"code": CHOSEN}
+
+
+def test_fewer_bits_break_more():
+    model = tiny_model()
+    errors = []
+    for kind in ("int4", "int3", "int2"):
+        breakage = trust_runs.Breakage(model, CHOSEN, kind)
+        errors.append(
+            sum(float((breakage.broken[k] - breakage.clean[k]).norm()) for k in breakage.clean)
+        )
+    assert errors[0] < errors[1] < errors[2]
 
 
 def test_breakage_rejects_unknown_kinds_and_contexts():

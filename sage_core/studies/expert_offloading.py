@@ -800,7 +800,7 @@ def first_reaching(summary, factor: float = 1.5) -> dict | None:
 
 
 class BrokenOnLoad:
-    """An `ExpertSource` whose broken experts' `down_proj` is replaced as it is read.
+    """An `ExpertSource` whose broken experts' weights are replaced as they are read.
 
     `trust_runs.Breakage` edits the weights of a resident model; a model with an expert
     cache holds no experts until it reads them, so the same broken weights (built by a
@@ -810,18 +810,19 @@ class BrokenOnLoad:
     choices of a resident run through the simulator would not do: a cache-aware selector
     chooses from what is resident, so its choices depend on the cache it runs with."""
 
-    def __init__(self, source, broken_down: dict):
+    def __init__(self, source, broken: dict):
         self.source = source
-        self.broken_down = {int(e): w for e, w in broken_down.items()}
+        self.broken = {int(e): weights for e, weights in broken.items()}  # {e: {name: w}}
 
     def __getattr__(self, name):
         return getattr(self.source, name)
 
     def read(self, expert: int, into=None):
         (gate_up, down), nbytes = self.source.read(expert, into=into)
-        if int(expert) in self.broken_down:
-            with torch.no_grad():
-                down.copy_(self.broken_down[int(expert)])
+        read = {"gate_up_proj": gate_up, "down_proj": down}
+        with torch.no_grad():
+            for name, weight in self.broken.get(int(expert), {}).items():
+                read[name].copy_(weight)
         return (gate_up, down), nbytes
 
 
@@ -831,8 +832,8 @@ def break_on_load(model, breakage) -> None:
         raise ValueError("break_on_load needs a breakage of every context (contexts=None)")
     blocks = _on_demand(model)
     by_layer: dict = {}
-    for (layer, e), weight in breakage.broken.items():
-        by_layer.setdefault(layer, {})[e] = weight
+    for (layer, e, name), weight in breakage.broken.items():
+        by_layer.setdefault(layer, {}).setdefault(e, {})[name] = weight
     for layer, broken in by_layer.items():
         blocks[layer].experts.source = BrokenOnLoad(blocks[layer].experts.source, broken)
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from sage_core.corpus import CONTEXTS, load_corpus
+from sage_core.dtypes.quantize import GROUP_SIZE, fake_quantize, float8_unscaled
 from sage_core.model.moe import ResidentExperts
 from sage_core.notebook.progress import progress
 from sage_core.studies import statistics
@@ -63,7 +64,12 @@ ARMS = (
     "learned_bias",
 )
 POOLED = "any"  # the one context of context-free trust
-KINDS = ("noise", "sign_flip")
+KINDS = ("noise", "sign_flip", "int2", "int3", "int4", "float8")
+BROKEN_PROJECTIONS = {  # which weights of a broken expert each kind of breakage changes
+    "noise": ("down_proj",),
+    "sign_flip": ("down_proj",),
+    **{kind: ("gate_up_proj", "down_proj") for kind in ("int2", "int3", "int4", "float8")},
+}
 
 
 @dataclass(frozen=True)
@@ -104,12 +110,17 @@ def resident_experts(model, layer: int) -> ResidentExperts:
 
 
 class Breakage:
-    """Broken `down_proj` for `chosen` {layer: [experts]}, applied only while scoring
-    windows of `contexts` (None: every context).
+    """Broken weights for `chosen` {layer: [experts]}, applied only while scoring windows
+    of `contexts` (None: every context).
 
-    kind "noise": Gaussian noise rescaled to the weight's Frobenius norm (seeded by `seed`,
-    drawn in (layer, expert) order): a vector of the usual size, meaningless.
-    kind "sign_flip": the weight negated: the expert writes the opposite of its output.
+    kind "noise": `down_proj` replaced by Gaussian noise rescaled to the weight's Frobenius
+    norm (seeded by `seed`, drawn in (layer, expert) order): a vector of the usual size,
+    meaningless.
+    kind "sign_flip": `down_proj` negated: the expert writes the opposite of its output.
+    kinds "int2", "int3", "int4": both projections stored at that many bits and read back
+    (`dtypes.quantize.fake_quantize`, groups of 64, float16 scale and zero): the damage is
+    whatever quantisation does.
+    kind "float8": both projections cast through float8_e4m3fn without a scale.
     """
 
     def __init__(self, model, chosen: dict, kind: str = "noise", seed: int = 0, contexts=None):
@@ -123,20 +134,16 @@ class Breakage:
         self.kind = kind
         self.contexts = None if contexts is None else tuple(contexts)
         generator = torch.Generator().manual_seed(seed)
-        self.clean, self.broken = {}, {}
+        self.clean, self.broken = {}, {}  # {(layer, expert, projection name): weight}
         for layer in sorted(self.chosen):
             experts = resident_experts(model, layer)
             for e in self.chosen[layer]:
                 if not 0 <= e < experts.num_experts:
                     raise ValueError(f"layer {layer}: expert {e} out of range")
-                weight = experts.down_proj[e].detach()
-                self.clean[(layer, e)] = weight.clone()
-                if kind == "noise":
-                    noise = torch.randn(weight.shape, generator=generator, dtype=torch.float64)
-                    scale = weight.to(torch.float64).norm() / noise.norm()
-                    self.broken[(layer, e)] = (noise * scale).to(weight.dtype)
-                else:
-                    self.broken[(layer, e)] = -weight.clone()
+                for name in BROKEN_PROJECTIONS[kind]:
+                    weight = getattr(experts, name)[e].detach()
+                    self.clean[(layer, e, name)] = weight.clone()
+                    self.broken[(layer, e, name)] = _broken_weight(weight, kind, generator)
 
     def applies_to(self, context: str) -> bool:
         return self.contexts is None or context in self.contexts
@@ -145,19 +152,34 @@ class Breakage:
         """{context: {layer: [experts]}}: what the oracle excludes."""
         return {c: self.chosen for c in CONTEXTS if self.applies_to(c)}
 
+    def _write(self, weights: dict) -> None:
+        with torch.no_grad():
+            for (layer, e, name), w in weights.items():
+                getattr(resident_experts(self.model, layer), name)[e].copy_(w)
+
     @contextlib.contextmanager
     def active(self, context: str | None):
         """Broken weights inside the block when `context` is broken (None: clean)."""
         on = context is not None and self.applies_to(context)
-        with torch.no_grad():
-            for (layer, e), w in (self.broken if on else self.clean).items():
-                resident_experts(self.model, layer).down_proj[e].copy_(w)
+        self._write(self.broken if on else self.clean)
         try:
             yield on
         finally:
-            with torch.no_grad():
-                for (layer, e), w in self.clean.items():
-                    resident_experts(self.model, layer).down_proj[e].copy_(w)
+            self._write(self.clean)
+
+
+def _broken_weight(weight: torch.Tensor, kind: str, generator) -> torch.Tensor:
+    if kind == "noise":
+        noise = torch.randn(weight.shape, generator=generator, dtype=torch.float64)
+        scale = weight.to(torch.float64).norm() / noise.norm()
+        return (noise * scale).to(weight.dtype)
+    if kind == "sign_flip":
+        return -weight.clone()
+    if kind == "float8":
+        return float8_unscaled(weight)
+    # Groups of 64 inputs, or of a divisor of a smaller model's width (the test models).
+    group_size = math.gcd(GROUP_SIZE, weight.shape[-1])
+    return fake_quantize(weight, bits=int(kind.removeprefix("int")), group_size=group_size)
 
 
 @torch.no_grad()
