@@ -131,8 +131,16 @@ def test_lfu_equals_brute_force(keys, capacity):
 @settings(max_examples=100, deadline=None)
 @given(trace_strategy, st.integers(1, 5))
 def test_activation_policy_with_endless_memory_is_lfu(keys, capacity):
-    slow = cp.make_policy("activation", capacity, half_life=1e12)
-    assert cp.simulate(as_array(keys), slow).misses == brute_lfu_misses(keys, capacity)
+    endless = cp.make_policy("activation", capacity, half_life=math.inf)
+    assert cp.simulate(as_array(keys), endless).misses == brute_lfu_misses(keys, capacity)
+
+
+def test_endless_memory_ties_exactly_on_the_case_that_was_flaky():
+    # Two keys used twice tie; a float score with a huge half-life broke the tie by the
+    # last digit and evicted the more recent one (issue 21).
+    keys = [(0, 0), (1, 0), (1, 0), (0, 0), (0, 1), (0, 0)]
+    endless = cp.make_policy("activation", 2, half_life=math.inf)
+    assert cp.simulate(as_array(keys), endless).misses == brute_lfu_misses(keys, 2) == 3
 
 
 def test_activation_policy_forgets_old_activity():

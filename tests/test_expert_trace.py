@@ -166,6 +166,14 @@ def test_cache_aware_weights_keep_the_inner_sum_and_only_swap_uncached():
     assert indices[0].tolist() == [0, 1, 2, 5]  # expert 3 (uncached) -> resident 5
     assert torch.allclose(weights.sum(), torch.tensor(1.0))
     assert selector.swapped == 1
+    # The swapped slot weighs what expert 5's router probability says next to the slots
+    # kept: exp(0.95) against exp(3.0) for slot 0, i.e. the replaced slot's weight scaled
+    # by exp(logit 5 - logit 3) = exp(-0.05) < 1, not by its inverse.
+    router = torch.softmax(logits[0, [0, 1, 2, 3]], -1)
+    ratio = weights[0, 3] / weights[0, 0]
+    assert torch.allclose(ratio, torch.exp(torch.tensor(0.95 - 3.0)), rtol=1e-5)
+    assert torch.allclose(ratio, router[3] / router[0] * torch.exp(torch.tensor(-0.05)), rtol=1e-5)
+    assert weights[0, 3] < router[3]  # the resident stand-in weighs less than what it replaced
 
 
 def test_selectors_need_a_cache():

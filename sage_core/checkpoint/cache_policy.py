@@ -149,23 +149,36 @@ class ActivationPolicy:
 
     Each use adds 1 to a key's score; scores halve every `half_life` accesses (of any key).
     Stored as log(score) + rate * time of last use, which orders keys exactly as their
-    scores decayed to the present do, without touching every key on every access.
+    scores decayed to the present do, without touching every key on every access. Ties
+    (equal ordering values) go to the least recently used key, as in LFU.
+
+    `half_life=math.inf` is endless memory: the score is the integer count of uses, so
+    equal counts tie exactly and the policy is LFU decision for decision. (With a huge
+    finite half-life the float scores of equal counts differ in their last digits by the
+    times of use, which is not LFU's tie-break; that made a property test flaky.)
     """
 
     name = "activation"
 
     def __init__(self, capacity: int, half_life: float = 64.0):
         self.capacity = _check_capacity(capacity)
-        if not (isinstance(half_life, int | float) and half_life > 0):
+        if not (
+            isinstance(half_life, int | float) and not isinstance(half_life, bool) and half_life > 0
+        ):
             raise ValueError(f"half_life must be a positive number, got {half_life!r}")
         self.half_life = float(half_life)
-        self._rate = math.log(2.0) / self.half_life
-        self._score: dict = {}  # key -> (log score at last use, time of last use)
-        self._resident: dict = {}  # resident key -> ordering value
+        self._endless = math.isinf(self.half_life)
+        self._rate = 0.0 if self._endless else math.log(2.0) / self.half_life
+        self._score: dict = {}  # key -> (log score at last use, time of last use), or count
+        self._resident: dict = {}  # resident key -> (ordering value, time of last use)
         self._time = 0
 
     def _use(self, key):
         self._time += 1
+        if self._endless:  # exact integer counts
+            self._score[key] = self._score.get(key, 0) + 1
+            self._resident[key] = (self._score[key], self._time)
+            return
         log_score, last = self._score.get(key, (-math.inf, self._time))
         decayed = math.exp(log_score - self._rate * (self._time - last))
         self._score[key] = (math.log1p(decayed), self._time)
