@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sage_core.checkpoint import ExpertCache
-from sage_core.checkpoint import cache_policy as cp
+from sage_core.offload import cache_policy as cp
 
 # Tiny traces: (layer, expert) keys over 2 layers x 3 experts.
 key_strategy = st.tuples(st.integers(0, 1), st.integers(0, 2))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from sage_core.checkpoint.expert_trace import RoutingTrace
+from sage_core.offload.expert_trace import RoutingTrace
 from sage_core.studies import expert_offloading as offloading
 
 

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from sage_core.checkpoint import cache_policy as cp
 from sage_core.checkpoint import load_thinker
-from sage_core.checkpoint.cache_selectors import CacheAwareSelector, NextLayerPrefetch
-from sage_core.checkpoint.expert_trace import (
+from sage_core.offload import cache_policy as cp
+from sage_core.offload.cache_selectors import CacheAwareSelector, NextLayerPrefetch
+from sage_core.offload.expert_trace import (
     RoutingTrace,
     TraceRecorder,
     access_sequence,

@@ -73,12 +73,22 @@ FOUNDATIONS = {"errors", "paths", "atomic"}
 ALLOWED_ROOMS = {
     "dtypes": set(),
     "model": {"dtypes"},
-    "checkpoint": {"dtypes", "model"},
+    "offload": {"model"},
+    "checkpoint": {"dtypes", "model", "offload"},
     "corpus": {"model"},
     "trust": {"dtypes", "model"},
     "training": {"dtypes", "model", "checkpoint", "corpus", "notebook"},
     "notebook": set(),
-    "studies": {"dtypes", "model", "checkpoint", "corpus", "trust", "training", "notebook"},
+    "studies": {
+        "dtypes",
+        "model",
+        "checkpoint",
+        "offload",
+        "corpus",
+        "trust",
+        "training",
+        "notebook",
+    },
 }
 PUBLIC_FACE = {"__init__", "__main__"}  # sage_core/__init__.py re-exports; __main__ calls the cli
 

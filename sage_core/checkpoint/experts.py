@@ -6,12 +6,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from sage_core.checkpoint.cache_policy import make_policy
 from sage_core.checkpoint.reader import (
     _check_header,
 )
 from sage_core.errors import CheckpointError
 from sage_core.model.config import ThinkerTextConfig
+from sage_core.offload.cache_policy import make_policy
 
 
 class ExpertSource:
@@ -154,7 +154,7 @@ class ExpertCache:
     """Cache of expert weights keyed by (layer, expert), holding at most `capacity`.
 
     `get(key, load)` returns the cached weights, or evicts entries (chosen by `policy`, see
-    `sage_core.checkpoint.cache_policy`) until the policy has room and calls
+    `sage_core.offload.cache_policy`) until the policy has room and calls
     `load() -> (weights, bytes_read)`. Evicting first keeps the number of experts held by
     the cache within the bound at every moment. `prefetch(key, load)` reads an expert ahead
     of its use the same way; stats count `prefetched` experts and the `wasted` ones evicted

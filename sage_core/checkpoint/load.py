@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 
-from sage_core.checkpoint.cache_policy import POLICIES
 from sage_core.checkpoint.experts import (
     ExpertCache,
     ExpertSource,
@@ -41,6 +40,7 @@ from sage_core.checkpoint.reader import (
 from sage_core.dtypes import parse_dtype
 from sage_core.errors import CheckpointError
 from sage_core.model.config import read_config, select_layers
+from sage_core.offload.cache_policy import POLICIES
 
 
 def _check_resident_bound(max_resident_experts) -> None:

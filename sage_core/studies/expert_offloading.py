@@ -12,7 +12,7 @@ policy included (`choose_and_score`). A choice is never scored on the traces it 
 1. Traces: per seed, held-out windows of each context are run through the real load path with
    a `TraceRecorder` as selector; the prompt's forward is the prefill trace, the greedy
    continuation (one token per forward) the decode trace.
-2. Policies: every policy of `sage_core.checkpoint.cache_policy`, Belady's MIN and next-layer
+2. Policies: every policy of `sage_core.offload.cache_policy`, Belady's MIN and next-layer
    prefetch are simulated on the same traces, token by token (the order a one-token forward
    asks its cache), at several capacities. The simulator is the real cache's policy code
    and is tested to predict the real cache's hits exactly.
@@ -33,9 +33,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sage_core.checkpoint import cache_policy, load_thinker
-from sage_core.checkpoint.cache_selectors import CacheAwareSelector
-from sage_core.checkpoint.expert_trace import (
+from sage_core.checkpoint import load_thinker
+from sage_core.corpus import CONTEXTS, load_corpus
+from sage_core.corpus.heldout import LOG2E, document_stream
+from sage_core.dtypes import parse_dtype
+from sage_core.model.generation import generate
+from sage_core.notebook.progress import progress
+from sage_core.offload import cache_policy
+from sage_core.offload.cache_selectors import CacheAwareSelector
+from sage_core.offload.expert_trace import (
     RoutingTrace,
     TraceRecorder,
     access_sequence,
@@ -43,11 +49,6 @@ from sage_core.checkpoint.expert_trace import (
     prediction_quality,
     prefetch_plan,
 )
-from sage_core.corpus import CONTEXTS, load_corpus
-from sage_core.corpus.heldout import LOG2E, document_stream
-from sage_core.dtypes import parse_dtype
-from sage_core.model.generation import generate
-from sage_core.notebook.progress import progress
 from sage_core.studies.experiments import resolve_model_path
 from sage_core.studies.statistics import t_interval
 
