@@ -1,6 +1,7 @@
 """Cache policies and their simulation: exact against brute force, and the real cache agrees."""
 
 import itertools
+import json
 import math
 
 import numpy as np
@@ -356,3 +357,103 @@ def test_layer_calls_split_tokens_and_layers():
 def test_bound_arguments_are_checked(bad, match):
     with pytest.raises(ValueError, match=match):
         bad()
+
+
+# --- issue 21: layer-aware and learned policies ----------------------------------------------
+
+from sage_core.offload import reuse  # noqa: E402
+
+LAYERS = [0, 1, 2]
+
+
+def decode_like(rng, tokens, num_layers=3, experts=5, k=2):
+    """(layer, expert) requests token by token, layer by layer, k distinct experts a layer."""
+    keys = []
+    for _ in range(tokens):
+        for layer in range(num_layers):
+            keys += [(layer, int(e)) for e in rng.choice(experts, size=k, replace=False)]
+    return keys
+
+
+def small_predictor(seed=0):
+    rng = np.random.default_rng(seed)
+    keys = decode_like(rng, 60)
+    x, y = reuse.training_rows(as_array(keys), LAYERS, 5, cap=8.0)
+    return reuse.ReusePredictor.fit(x, y, 3, 5, 8.0)
+
+
+def test_layer_aware_evicts_the_layer_needed_last_within_a_step():
+    # Token 0 uses one expert in each of 3 layers; token 1 uses new ones in layers 0 and 1,
+    # capacity 4. At (1, 1) every token-0 key is as old: LRU evicts (0, 0), which the next
+    # token's layer 0 may ask for two layer calls ahead; layer-aware evicts (1, 0), whose
+    # next possible use (the next token's layer 1) is three calls ahead.
+    keys = [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1)]
+    policy = cp.make_policy("layer_aware", 4, layers=LAYERS)
+    cp.simulate(as_array(keys), policy)
+    assert sorted(policy.keys()) == [(0, 0), (0, 1), (1, 1), (2, 0)]
+    lru = cp.make_policy("lru", 4)
+    cp.simulate(as_array(keys), lru)
+    assert sorted(lru.keys()) == [(0, 1), (1, 0), (1, 1), (2, 0)]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 10**6), st.integers(2, 9))
+def test_new_policies_never_beat_belady_and_hold_their_capacity(seed, capacity):
+    keys = decode_like(np.random.default_rng(seed), 12)
+    belady = cp.simulate_belady(as_array(keys), capacity).misses
+    predictor = small_predictor()
+    for name in ("layer_aware", "learned"):
+        options = {"predictor": predictor} if name == "learned" else {}
+        policy = cp.make_policy(name, capacity, layers=LAYERS, **options)
+        sim = cp.simulate(as_array(keys), policy)
+        assert sim.misses >= belady
+        assert len(policy.keys()) <= capacity
+
+
+@pytest.mark.parametrize("name", ["layer_aware", "learned"])
+def test_expert_cache_runs_the_new_policies_hit_for_hit(name):
+    keys = decode_like(np.random.default_rng(3), 80)
+    options = {"predictor": small_predictor()} if name == "learned" else {}
+    sim = cp.simulate(as_array(keys), cp.make_policy(name, 6, layers=LAYERS, **options))
+    cache = ExpertCache(6, policy=name, layers=LAYERS, **options)
+    hits = []
+    for k in keys:
+        before = cache.hits
+        cache.get(k, lambda: ("w", 7))
+        hits.append(cache.hits > before)
+    assert np.array_equal(np.array(hits), sim.hits)
+    assert cache.bytes_read == 7 * sim.misses and cache.peak_resident <= 6
+
+
+def test_training_labels_are_the_steps_to_the_next_use():
+    # 2 layers; token 0: (0,0) (1,0); token 1: (0,1) (1,0); token 2: (0,0) (1,1).
+    keys = [(0, 0), (1, 0), (0, 1), (1, 0), (0, 0), (1, 1)]
+    x, y = reuse.training_rows(as_array(keys), [0, 1], 2, cap=1.0)
+    steps = np.expm1(y)
+    # Rows per layer call, keys seen so far in code order, in steps (2 layer calls each),
+    # capped at 1; a key not used again gives a row only while the trace runs `cap` on.
+    # time 1: (0,0) -> 1.5, capped; time 2: (0,0) -> 1, (1,0) -> 0.5; time 3: (0,0) -> 0.5,
+    # (0,1) never again -> cap, (1,0) -> 0; time 4: (0,0) -> 0, the rest unknown.
+    assert x.shape == (7, len(reuse.FEATURES) + 2)
+    assert np.allclose(steps, [1, 1, 0.5, 0.5, 1, 0, 0])
+
+
+def test_predictor_round_trips_through_json_and_refuses_other_versions(tmp_path):
+    predictor = small_predictor()
+    path = predictor.save(tmp_path / "p.json")
+    again = reuse.ReusePredictor.load(path)
+    x = np.random.default_rng(0).normal(size=(4, len(reuse.FEATURES) + 3))
+    assert np.array_equal(predictor.predict(x), again.predict(x))
+    data = json.loads(path.read_text())
+    data["version"] = 99
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="version"):
+        reuse.ReusePredictor.load(path)
+    with pytest.raises(ValueError, match="sparse layers"):
+        reuse.LearnedPolicy(4, [0, 1], predictor)
+
+
+def test_the_committed_predictor_loads_and_says_what_it_was_fitted_on():
+    predictor = reuse.default_predictor()
+    assert predictor.info["text"].startswith("training split")
+    assert predictor.num_layers == 4 and predictor.num_experts == 32

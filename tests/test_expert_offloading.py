@@ -376,3 +376,46 @@ def test_lookahead_horizons_and_the_shortest_closing_half_by_its_lower_bound():
     )
     assert offloading.smallest_closing(table, 0.25, horizons) == "4 tokens"
     assert offloading.smallest_closing(table, 0.25, horizons, share=0.9) is None
+
+
+def test_predictor_training_windows_come_from_training_documents_only():
+    from sage_core.corpus import CONTEXTS, load_corpus
+    from sage_core.corpus.heldout import document_stream
+    from sage_core.model.tokenizer import load_tokenizer
+    from sage_core.paths import ROOT
+    from sage_core.studies.experiments import ValidationCorpus
+
+    tokenizer = load_tokenizer(ROOT / "models" / "q3omni-tiny")
+    corpus = load_corpus()
+    for context in CONTEXTS:
+        train = ValidationCorpus(corpus).documents(context, "train")
+        held = corpus.documents(context, "heldout")
+        assert not set(train) & set(held)  # no held-out document is trained on
+        stream = document_stream(train, tokenizer)[0].tobytes()
+        windows = offloading.training_windows(tokenizer, context, 4, 64, offloading.PREDICTOR_SEED)
+        assert len(windows) == 4
+        assert all(w.numpy().tobytes() in stream for w in windows)
+
+
+def test_reuse_rows_compare_every_policy_on_the_same_traces():
+    from sage_core.offload import reuse
+
+    rng = np.random.default_rng(0)
+    trace = RoutingTrace(
+        rng.integers(0, 8, size=(20, 2, 2)),
+        np.full((20, 2, 2), -1),
+        np.zeros(20, dtype=np.int64),
+        np.array([0, 1]),
+        8,
+    )
+    sets = {s: {"code": {"decode": trace}} for s in (0, 1)}
+    keys, _ = offloading.access_sequence(trace)
+    x, y = reuse.training_rows(keys, [0, 1], 8, cap=8.0)
+    predictor = reuse.ReusePredictor.fit(x, y, 2, 8, 8.0)
+    rows = offloading.simulate_reuse_policies(sets, predictor, fractions=(0.25,))
+    names = {r["policy"] for r in rows}
+    assert {"lru", "layer_aware", "learned", "lookahead_1tok", "belady"} <= names
+    belady = {r["seed"]: r["hit_rate"] for r in rows if r["policy"] == "belady"}
+    assert all(r["hit_rate"] <= belady[r["seed"]] + 1e-12 for r in rows)
+    gain = offloading.gain_over(rows, 0.25, "learned", "lru")
+    assert set(gain) == {("code", "decode")}

@@ -270,3 +270,17 @@ def test_cache_aware_with_trusts_oracle_never_brings_back_a_broken_expert():
     oracle.context = ["code", "text"]
     with pytest.raises(ValueError, match="sequences"):
         selector(near_tie_logits(3), 0, torch.zeros(3, 128))
+
+
+def test_the_learned_policy_runs_in_the_real_cache_hit_for_hit_and_logits_never_change(
+    ids, resident
+):
+    logits, trace = resident
+    keys, _ = access_sequence(trace)
+    layers = list(trace.layers)
+    for policy in ("layer_aware", "learned"):
+        model = load_thinker(MODEL, max_resident_experts=CAPACITY, cache_policy=policy)
+        assert torch.equal(stepwise(model, ids), logits)
+        sim = cp.simulate(keys, cp.make_policy(policy, CAPACITY, layers=layers))
+        assert (model.expert_cache.hits, model.expert_cache.misses) == (sim.hits.sum(), sim.misses)
+        assert model.expert_cache.stats()["policy"] == policy

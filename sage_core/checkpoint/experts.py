@@ -167,11 +167,12 @@ class ExpertCache:
     fragments the heap and raised the peak RSS of the mid benchmark.
     """
 
-    def __init__(self, capacity: int, policy: str = "lru", layers=None):
+    def __init__(self, capacity: int, policy: str = "lru", layers=None, **policy_options):
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"max_resident_experts must be an int >= 1, got {capacity!r}")
         self.capacity = capacity
-        self.policy = make_policy(policy, capacity, layers=layers)
+        # policy_options: e.g. predictor= for "learned" (None: the committed default one).
+        self.policy = make_policy(policy, capacity, layers=layers, **policy_options)
         self._entries: dict = {}
         self._unused_prefetch: set = set()
         self._spare = None

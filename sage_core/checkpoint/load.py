@@ -40,7 +40,7 @@ from sage_core.checkpoint.reader import (
 from sage_core.dtypes import parse_dtype
 from sage_core.errors import CheckpointError
 from sage_core.model.config import read_config, select_layers
-from sage_core.offload.cache_policy import POLICIES
+from sage_core.offload.cache_policy import POLICY_NAMES
 
 
 def _check_resident_bound(max_resident_experts) -> None:
@@ -72,7 +72,7 @@ def load_thinker(
     max_resident_experts: None (every expert of the chosen layers in memory) or a bound on
         the experts held across the model; the rest are read on demand (`model.expert_cache`).
     device, dtype: where and in what dtype the weights live; converted once, on load.
-    cache_policy: which expert the bounded cache evicts (`cache_policy.POLICIES`); unused
+    cache_policy: which expert the bounded cache evicts (`offload.cache_policy.POLICY_NAMES`); unused
         without `max_resident_experts`.
 
     Raises CheckpointError (naming the file, key and shapes) for a broken checkpoint and
@@ -88,8 +88,8 @@ def load_thinker(
     cfg = read_config(path)
     layer_indices = select_layers(layers, cfg.num_hidden_layers)
     _check_resident_bound(max_resident_experts)
-    if cache_policy not in POLICIES:
-        raise ValueError(f"unknown cache_policy {cache_policy!r}; choose one of {POLICIES}")
+    if cache_policy not in POLICY_NAMES:
+        raise ValueError(f"unknown cache_policy {cache_policy!r}; choose one of {POLICY_NAMES}")
     dtype = parse_dtype(dtype)
     try:
         device = torch.device(device)

@@ -30,7 +30,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-POLICIES = ("lru", "layer_lru", "lfu", "activation")
+EXISTING_POLICIES = ("lru", "layer_lru", "lfu", "activation")  # before issue 21
+POLICIES = (*EXISTING_POLICIES, "layer_aware")  # online, nothing to fit
+LEARNED = "learned"  # needs a fitted `reuse.ReusePredictor`
+POLICY_NAMES = (*POLICIES, LEARNED)  # every name `make_policy` and the cache accept
 
 
 def _check_capacity(capacity) -> int:
@@ -199,7 +202,18 @@ class ActivationPolicy:
 
 
 def make_policy(name: str, capacity: int, layers=None, **options):
-    """A fresh policy object by name (see POLICIES); `layers` is needed by layer_lru."""
+    """A fresh policy object by name (see POLICY_NAMES); `layers` is needed by layer_lru,
+    layer_aware and learned; learned takes `predictor=` (a `ReusePredictor`, or None for
+    the default model's committed one, `reuse.default_predictor()`)."""
+    if name in ("layer_aware", LEARNED):
+        from sage_core.offload import reuse
+
+        if layers is None:
+            raise ValueError(f"{name} needs the model's sparse layers (layers=...)")
+        if name == "layer_aware":
+            return reuse.LayerAwarePolicy(capacity, layers, **options)
+        predictor = options.pop("predictor", None) or reuse.default_predictor()
+        return reuse.LearnedPolicy(capacity, layers, predictor, **options)
     if name == "lru":
         return LRUPolicy(capacity)
     if name == "layer_lru":
@@ -210,7 +224,7 @@ def make_policy(name: str, capacity: int, layers=None, **options):
         return LFUPolicy(capacity)
     if name == "activation":
         return ActivationPolicy(capacity, **options)
-    raise ValueError(f"unknown cache policy {name!r}; choose one of {POLICIES}")
+    raise ValueError(f"unknown cache policy {name!r}; choose one of {POLICY_NAMES}")
 
 
 # --- simulation -------------------------------------------------------------------------

@@ -345,7 +345,7 @@ def _cells(sets):
 
 
 def simulate_policies(
-    sets, fractions=(0.1, 0.25, 0.5, 0.75), policies=cache_policy.POLICIES, part="scoring"
+    sets, fractions=(0.1, 0.25, 0.5, 0.75), policies=cache_policy.EXISTING_POLICIES, part="scoring"
 ) -> list[dict]:
     """One row per (seed, context, phase, capacity, policy incl. "belady") of the trace sets
     {seed: {context: {phase: trace}}}: hit rate and experts read per token (demand misses).
@@ -456,7 +456,7 @@ def gap_closed_overall(rows, fraction: float, policy: str) -> dict:
     return t_interval([np.mean([v for k, v in shares.items() if k[0] == s]) for s in seeds])
 
 
-def best_online_policy(rows, fraction: float, policies=cache_policy.POLICIES) -> str:
+def best_online_policy(rows, fraction: float, policies=cache_policy.EXISTING_POLICIES) -> str:
     """The demand policy with the highest mean hit rate over every row at `fraction` (every
     seed, context and phase given)."""
     means = {}
@@ -469,7 +469,7 @@ def best_online_policy(rows, fraction: float, policies=cache_policy.POLICIES) ->
 
 
 def choose_and_score(
-    selection_rows, scoring_rows, fraction: float, policies=cache_policy.POLICIES
+    selection_rows, scoring_rows, fraction: float, policies=cache_policy.EXISTING_POLICIES
 ) -> dict:
     """Choose the best online policy on the selection traces, score it on the scoring ones.
 
@@ -1156,3 +1156,216 @@ def plot_cost(table):
     ax.legend(frameon=False, fontsize=8)
     fig.tight_layout()
     return fig
+
+
+# --- 7. eviction by predicted reuse (issue 21) ----------------------------------------------
+
+PREDICTOR_SEED = 1000  # the tuning seed that draws the training windows
+PREDICTOR_SETTINGS = {"prompts_per_context": 24, "prompt_tokens": 64, "decode_tokens": 24}
+PREDICTOR_CAP_STEPS = 32.0
+
+
+def training_windows(tokenizer, context: str, count: int, length: int, seed: int, corpus=None):
+    """`count` windows of `length` tokens from the context's *training* documents (the
+    training split without its validation documents, `experiments.ValidationCorpus`), at
+    seeded positions: the text the reuse predictor is fitted on, never held-out text."""
+    from sage_core.studies.experiments import ValidationCorpus
+
+    corpus = corpus or load_corpus()
+    documents = ValidationCorpus(corpus).documents(context, "train")
+    ids, _ = document_stream(documents, tokenizer)
+    slots = ids.size // length
+    rng = np.random.default_rng([seed, CONTEXTS.index(context), 7])
+    picks = np.sort(rng.choice(slots, size=min(count, slots), replace=False))
+    return [torch.from_numpy(ids[p * length : (p + 1) * length].copy()) for p in picks]
+
+
+@torch.no_grad()
+def record_training_traces(model, tokenizer, seed=PREDICTOR_SEED, settings=None, corpus=None):
+    """{context: {phase: trace}} of greedy decodes of training-text windows."""
+    settings = dict(PREDICTOR_SETTINGS, **(settings or {}))
+    corpus = corpus or load_corpus()
+    recorder = TraceRecorder(model)
+    model.set_selector(recorder)
+    device = model.model.embed_tokens.weight.device
+    out = {}
+    try:
+        for context in CONTEXTS:
+            prompts = training_windows(
+                tokenizer,
+                context,
+                settings["prompts_per_context"],
+                settings["prompt_tokens"],
+                seed,
+                corpus,
+            )
+            parts = {phase: [] for phase in PHASES}
+            for prompt in progress(prompts, desc=f"training traces ({context})"):
+                recorder.clear()
+                generate(model, prompt[None].to(device), settings["decode_tokens"] + 1)
+                trace = recorder.trace()
+                first = trace.call_of == 0
+                for phase, rows in (("prefill", first), ("decode", ~first)):
+                    parts[phase].append(
+                        RoutingTrace(
+                            trace.experts[rows],
+                            trace.predicted[rows],
+                            trace.call_of[rows],
+                            trace.layers,
+                            trace.num_experts,
+                        )
+                    )
+            out[context] = {phase: concatenate(parts[phase]) for phase in PHASES}
+    finally:
+        model.set_selector(None)
+    return out
+
+
+def fit_predictor(traces, cap: float = PREDICTOR_CAP_STEPS, stride: int = 1, info=None):
+    """A `ReusePredictor` fitted on every (context, phase) trace of `traces`, each prompt's
+    trace on its own (the clock restarts per trace, as a fresh cache would)."""
+    from sage_core.offload.reuse import ReusePredictor, training_rows
+
+    xs, ys = [], []
+    any_trace = None
+    for phases in traces.values():
+        for trace in phases.values():
+            any_trace = trace
+            keys, _ = access_sequence(trace)
+            x, y = training_rows(keys, trace.layers, trace.num_experts, cap, stride)
+            xs.append(x)
+            ys.append(y)
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    info = dict(info or {}, rows=int(y.size))
+    return ReusePredictor.fit(x, y, len(any_trace.layers), any_trace.num_experts, cap, info=info)
+
+
+REUSE_FRACTIONS = (0.1, 0.25, 0.5)
+REUSE_LOOKAHEAD_TOKENS = (1, 2, 4)
+
+
+def simulate_reuse_policies(sets, predictor, fractions=REUSE_FRACTIONS, part="scoring"):
+    """Rows as `simulate_policies` for the existing online policies, the layer-aware and
+    learned policies, Belady seeing 1, 2, 4 tokens ahead (`lookahead_<t>tok`) and Belady,
+    each with `policy_s_per_token`: the policy's own time per token (wall clock of the
+    simulation over the trace's tokens, the bookkeeping included)."""
+    import time
+
+    rows = []
+    online = (*cache_policy.EXISTING_POLICIES, "layer_aware", "learned")
+    for seed, context, phase, trace in progress(_cells(sets), desc=f"reuse policies ({part})"):
+        keys, token_of = access_sequence(trace)
+        total = trace.num_experts * len(trace.layers)
+        layers = [int(x) for x in trace.layers]
+        calls = cache_policy.layer_calls(keys, token_of)
+        for cap, fraction in zip(capacities(total, fractions), fractions, strict=True):
+            sims = []
+            for p in online:
+                options = {"predictor": predictor} if p == "learned" else {}
+                start = time.perf_counter()
+                sim = cache_policy.simulate(
+                    keys, cache_policy.make_policy(p, cap, layers=layers, **options)
+                )
+                sims.append((sim.policy, sim, time.perf_counter() - start))
+            for t in REUSE_LOOKAHEAD_TOKENS:
+                sim = cache_policy.simulate_lookahead(keys, cap, t * len(layers), calls)
+                sims.append((f"lookahead_{t}tok", sim, float("nan")))
+            sims.append(("belady", cache_policy.simulate_belady(keys, cap), float("nan")))
+            for name, sim, seconds in sims:
+                rows.append(
+                    {
+                        "part": part,
+                        "seed": seed,
+                        "context": context,
+                        "phase": phase,
+                        "fraction": fraction,
+                        "capacity": cap,
+                        "policy": name,
+                        "hit_rate": sim.hit_rate,
+                        "experts_read_per_token": sim.experts_read / trace.num_tokens,
+                        "policy_s_per_token": seconds / trace.num_tokens,
+                    }
+                )
+    return rows
+
+
+def gain_over(rows, fraction: float, arm: str, reference: str) -> dict[tuple[str, str], dict]:
+    """{(context, phase): t interval over seeds of the paired hit-rate difference}."""
+    cells = sorted({(r["context"], r["phase"]) for r in rows})
+    return {
+        cell: paired_difference(
+            rows,
+            "hit_rate",
+            {"policy": arm},
+            {"policy": reference},
+            fraction=fraction,
+            context=cell[0],
+            phase=cell[1],
+        )
+        for cell in cells
+    }
+
+
+def reads_ratio(rows, fraction: float, arm: str, reference: str = "lru", phase="decode") -> dict:
+    """Ratio of means over seeds (paired bootstrap interval) of experts read per token,
+    `reference` / `arm` (above 1: `arm` reads fewer), per seed the mean over contexts."""
+    from sage_core.studies.statistics import ratio_of_means
+
+    ref = seed_values(
+        rows, "experts_read_per_token", policy=reference, fraction=fraction, phase=phase
+    )
+    mine = seed_values(rows, "experts_read_per_token", policy=arm, fraction=fraction, phase=phase)
+    seeds = sorted(ref)
+    return ratio_of_means([ref[s] for s in seeds], [mine[s] for s in seeds])
+
+
+def predictor_accuracy(sets, predictor, horizons=(1, 2, 4, 8), stride: int = 4) -> dict:
+    """{horizon: t interval over seeds of the AUC of the predicted distance for "used within
+    the next `horizon` steps"}, on every key seen so far at every `stride`-th layer call of
+    the traces (pooled over contexts and phases per seed)."""
+    from sklearn.metrics import roc_auc_score
+
+    from sage_core.offload.reuse import training_rows
+
+    per_seed = {h: [] for h in horizons}
+    for _seed, traces in sets.items():
+        xs, ys = [], []
+        for phases in traces.values():
+            for trace in phases.values():
+                keys, _ = access_sequence(trace)
+                x, y = training_rows(keys, trace.layers, trace.num_experts, predictor.cap, stride)
+                xs.append(x)
+                ys.append(y)
+        score = -predictor.predict(np.concatenate(xs))
+        steps = np.expm1(np.concatenate(ys))
+        for h in horizons:
+            per_seed[h].append(float(roc_auc_score(steps < h, score)))
+    return {h: t_interval(v) for h, v in per_seed.items()}
+
+
+def fit_default_predictor(model_path=None, out=None) -> Path:
+    """Record training-text traces on the default model, fit the predictor, write it."""
+    from sage_core.offload.reuse import DEFAULT_PREDICTOR
+    from sage_core.studies.experiments import load_model
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model, tokenizer, path = load_model(model_path, "cpu", "float32")
+    traces = record_training_traces(model, tokenizer)
+    info = {
+        "text": "training split without validation documents (ValidationCorpus), all contexts",
+        "seed": PREDICTOR_SEED,
+        **PREDICTOR_SETTINGS,
+        "model": path.name,
+        "command": "python -m sage_core.studies.expert_offloading fit-predictor",
+    }
+    predictor = fit_predictor(traces, stride=2, info=info)
+    return predictor.save(out or DEFAULT_PREDICTOR)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["fit-predictor"]:
+        sys.exit("usage: python -m sage_core.studies.expert_offloading fit-predictor")
+    print(fit_default_predictor())
