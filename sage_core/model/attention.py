@@ -26,7 +26,11 @@ class RMSNorm(nn.Module):
 class KVCache:
     """Preallocated keys and values of one layer (gpt-fast's KVCache).
 
-    `update` writes each new chunk and advances `length`, the positions filled.
+    `update` is the one place that writes them. With an int `input_pos` (the eager path)
+    it advances `length` and returns the filled prefix; with a tensor of positions (the
+    static decode step) it writes in place and returns the whole cache, whose shapes never
+    change, so a compiled step sees the same shapes at every token. The caller then masks
+    the positions not yet written and keeps `length` itself (see `set_length`).
     """
 
     def __init__(self, batch, max_len, kv_heads, head_dim, device, dtype):
@@ -35,10 +39,18 @@ class KVCache:
         self.v_cache = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0
 
-    def update(self, input_pos: int, k: torch.Tensor, v: torch.Tensor):
+    def update(self, input_pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Store k, v (B, kv_heads, S, head_dim) at positions input_pos .. input_pos + S - 1
-        -> keys and values of every position so far, each (B, kv_heads, input_pos + S, head_dim).
+        -> keys and values of every position so far, each (B, kv_heads, input_pos + S, head_dim);
+        or, for input_pos a (S,) int64 tensor of positions, store them there
+        -> the whole cache, each (B, kv_heads, max_len, head_dim).
         """
+        if isinstance(input_pos, torch.Tensor):
+            # index_copy_, not a slice: a slice bound by a tensor would need its value on
+            # the host (a sync, and a new shape for the compiler at every token).
+            self.k_cache.index_copy_(2, input_pos, k)
+            self.v_cache.index_copy_(2, input_pos, v)
+            return self.k_cache, self.v_cache
         end = input_pos + k.shape[2]
         self.k_cache[:, :, input_pos:end] = k
         self.v_cache[:, :, input_pos:end] = v
@@ -61,6 +73,21 @@ class ModelKVCache(dict):
         """Positions every layer holds. Each layer's update advances its own; after a
         forward that failed part way, the next one continues from what all layers stored."""
         return min(layer.length for layer in self.values())
+
+    def set_length(self, length: int) -> None:
+        """Record that every layer holds `length` positions, after static-step writes
+        (which cannot advance `length` themselves without a host sync)."""
+        if not 0 <= length <= self.max_len:
+            raise ValueError(f"length must be in [0, {self.max_len}], got {length}")
+        for layer in self.values():
+            layer.length = length
+
+
+def static_decode_mask(input_pos: torch.Tensor, max_len: int) -> torch.Tensor:
+    """(1, 1, 1, max_len) boolean mask for one query at position input_pos (a (1,) tensor):
+    it sees the cache's positions 0 .. input_pos, not the unwritten (or stale) rest."""
+    positions = torch.arange(max_len, device=input_pos.device)  # (max_len,)
+    return (positions <= input_pos).view(1, 1, 1, max_len)
 
 
 def chunk_mask(start: int, length: int, device) -> torch.Tensor | None:
@@ -90,9 +117,10 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(d, config.rms_norm_eps)
         self.k_norm = RMSNorm(d, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, kv_cache: KVCache | None = None, input_pos: int = 0, mask=None):
+    def forward(self, x, cos, sin, kv_cache: KVCache | None = None, input_pos=0, mask=None):
         """x (B, S, H); cos/sin (B, S, head_dim); kv_cache holds the layer's first `input_pos`
-        positions (this call appends S); mask from `chunk_mask(input_pos, S)`."""
+        positions (this call appends S); mask from `chunk_mask(input_pos, S)`, or, for the
+        static decode step (input_pos a (1,) tensor), from `static_decode_mask`."""
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim)  # (B, S, heads, head_dim)
         k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim)  # (B, S, kv_heads, hd)
@@ -102,7 +130,8 @@ class Attention(nn.Module):
         v = v.transpose(1, 2)  # (B, kv_heads, S, head_dim)
         q, k = apply_rotary(q, k, cos, sin)
         if kv_cache is not None:
-            k, v = kv_cache.update(input_pos, k, v)  # (B, kv_heads, input_pos + S, head_dim)
+            # (B, kv_heads, input_pos + S or max_len, head_dim)
+            k, v = kv_cache.update(input_pos, k, v)
         y = F.scaled_dot_product_attention(
             q,
             k,

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from sage_core.model import decode
 from sage_core.model.config import as_index
 
 # Rows of hidden states pushed through the lm head at once when scoring: bounds the
@@ -43,12 +44,21 @@ def _next_token(logits, temperature, top_p, generator):
 
 
 @torch.no_grad()
-def generate(model, input_ids, max_new_tokens, temperature=0.0, top_p=1.0, seed=None):
+def generate(
+    model, input_ids, max_new_tokens, temperature=0.0, top_p=1.0, seed=None, compile=False
+):
     """Extend `input_ids` (B, S) by `max_new_tokens` tokens -> LongTensor (B, S + new).
 
     Greedy at temperature 0; otherwise top-p sampling from a torch.Generator seeded
     with `seed` (the global RNG when seed is None). The prompt is run once, then each
     new token is one step over the KV cache.
+
+    compile=True: each new token is one call of a torch.compile'd static-shape step
+    (sage_core.model.decode); the first call in a process compiles it (seconds from
+    inductor's on-disk cache, tens of seconds cold), so it pays on long or many
+    generations. Without a C++ compiler (CPU) it raises CompileUnavailable at once. What
+    the step cannot trace (experts on demand, a selector not marked compile_traceable, a
+    routing trace) decodes eagerly with a RuntimeWarning saying why.
     """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else None
@@ -60,13 +70,28 @@ def generate(model, input_ids, max_new_tokens, temperature=0.0, top_p=1.0, seed=
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
     if seed is not None:
         seed = _int_arg("seed", seed, 0)
+    if not isinstance(compile, bool):
+        raise ValueError(f"compile must be True or False, got {compile!r}")
     _check_lm_head(model)
+    if compile:
+        decode.check_compiler(input_ids.device)  # before any work: fail at once
     if max_new_tokens == 0:
         return input_ids.clone()
 
     generator = None
     if seed is not None and temperature > 0:
         generator = torch.Generator(device=input_ids.device).manual_seed(seed)
+    if compile:
+        reason = decode.eager_reason(model)
+        if reason is None:
+            return decode.generate_static(
+                model,
+                input_ids,
+                max_new_tokens,
+                lambda logits: _next_token(logits, temperature, top_p, generator),
+                compile=True,
+            )
+        decode.warn_eager(reason)
     B, S = input_ids.shape
     cache = model.new_cache(B, S + max_new_tokens)
     # Only the last position's logits are needed: skip the lm head for the rest.

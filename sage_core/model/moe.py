@@ -228,9 +228,45 @@ class SparseMoeBlock(nn.Module):
             out = grouped_expert_mix(x, indices, weights, self.experts)
         return out.reshape(shape), router_logits  # (B, S, H), (T, E)
 
+    def forward_static(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decode step's MoE, with no host sync (torch.compile traces it whole):
+        x (B, 1, H) -> (output (B, 1, H), `bad`: a 0-d bool, True if the selector chose
+        an expert outside [0, E)).
+
+        Each token gathers its k experts' weights (gpt-fast's ConditionalFeedForward): the
+        same shapes at every token, where the eager path's loop over chosen experts needs
+        their indices on the host. Out-of-range indices are clamped so the gather stays in
+        bounds, and reported through `bad` for the caller to raise on (the eager forward
+        raises at once). Resident experts only; the routing trace is not recorded."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (T = B, H)
+        router_logits = F.linear(x, self.gate.weight)  # (T, E)
+        indices, weights = self.selector(router_logits, self.layer_idx, x)  # each (T, k)
+        self._check_choice_shapes(indices, weights, x)  # static: costs nothing when compiled
+        bad = ((indices < 0) | (indices >= self.num_experts)).any()  # (), on the device
+        indices = indices.clamp(0, self.num_experts - 1)
+        out = gathered_expert_mix(x, indices, weights, self.experts)  # (T, H)
+        return out.reshape(shape), bad
+
     def _check_choice(self, indices, weights, x):
         """The one check of a selector's choice, before any of the three expert paths runs
         (the gather path would silently index expert E-1 for -1)."""
+        self._check_choice_shapes(indices, weights, x)
+        if indices.numel() == 0:
+            return
+        lo, hi = torch.stack(torch.aminmax(indices)).tolist()  # one host sync
+        if lo < 0 or hi >= self.num_experts:
+            raise ValueError(self.out_of_range_message(lo if lo < 0 else hi))
+
+    def out_of_range_message(self, expert=None) -> str:
+        chose = "an expert" if expert is None else f"expert {expert}"
+        return (
+            f"selector for layer {self.layer_idx} chose {chose}, "
+            f"outside the valid range [0, {self.num_experts})"
+        )
+
+    def _check_choice_shapes(self, indices, weights, x):
+        """Shapes and dtypes of a selector's choice: metadata only, no host sync."""
         T = x.shape[0]
         if indices.dim() != 2 or indices.shape[0] != T or indices.dtype != torch.int64:
             raise ValueError(
@@ -242,14 +278,6 @@ class SparseMoeBlock(nn.Module):
                 f"selector for layer {self.layer_idx} returned weights of shape "
                 f"{tuple(weights.shape)} and dtype {weights.dtype}; expected "
                 f"{tuple(indices.shape)} in the hidden states' dtype {x.dtype}"
-            )
-        if indices.numel() == 0:
-            return
-        lo, hi = torch.stack(torch.aminmax(indices)).tolist()  # one host sync
-        if lo < 0 or hi >= self.num_experts:
-            raise ValueError(
-                f"selector for layer {self.layer_idx} chose expert {lo if lo < 0 else hi}, "
-                f"outside the valid range [0, {self.num_experts})"
             )
 
 

@@ -12,7 +12,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from sage_core.model.attention import Attention, ModelKVCache, RMSNorm, chunk_mask
+from sage_core.model.attention import (
+    Attention,
+    ModelKVCache,
+    RMSNorm,
+    chunk_mask,
+    static_decode_mask,
+)
 from sage_core.model.config import ThinkerTextConfig, select_layers
 from sage_core.model.moe import DenseMLP, ExpertSelector, RouterTopK, SparseMoeBlock
 from sage_core.model.rope import MultimodalRotaryEmbedding
@@ -168,6 +174,33 @@ class Qwen3OmniThinker(nn.Module):
             if logits is not None:
                 router_logits.append(logits)
         return self.model.norm(x), tuple(router_logits)
+
+    def decode_step(self, token: torch.Tensor, input_pos: torch.Tensor, cache: ModelKVCache):
+        """One decode step with shapes that never change between tokens (what
+        `torch.compile` wraps; sage_core.model.decode drives it).
+
+        token (B, 1) int64, input_pos (1,) int64 the position it takes, `cache` filled
+        before input_pos -> (logits (B, vocab), `bad`: 0-d bool, True if a selector chose
+        an expert out of range). No host sync: the inputs are checked by the caller, the
+        cache is read whole under a mask, and the MoE gathers its experts' weights.
+        """
+        B = token.shape[0]
+        x = self.model.embed_tokens(token)  # (B, 1, H)
+        cos, sin = self.model.rotary_emb(x, input_pos.expand(B, 1))  # each (B, 1, head_dim)
+        mask = static_decode_mask(input_pos, cache.max_len)  # (1, 1, 1, max_len)
+        bad = torch.zeros((), dtype=torch.bool, device=x.device)
+        for i in self.layer_indices:
+            layer = self.model.layers[str(i)]
+            h = layer.input_layernorm(x)
+            x = x + layer.self_attn(h, cos, sin, cache[i], input_pos, mask)
+            h = layer.post_attention_layernorm(x)
+            if layer.is_sparse:
+                h, layer_bad = layer.mlp.forward_static(h)
+                bad = bad | layer_bad
+            else:
+                h = layer.mlp(h)
+            x = x + h
+        return self.lm_head(self.model.norm(x))[:, -1], bad  # (B, vocab), ()
 
     def forward(
         self,

@@ -1,0 +1,165 @@
+"""The static-cache decode loop and its torch.compile: `generate(..., compile=True)`.
+
+gpt-fast's recipe (pytorch-labs/gpt-fast, mixtral-moe/): the prompt runs eagerly (its
+length varies), then every new token is one call of `Qwen3OmniThinker.decode_step`,
+whose shapes never change: the KV cache is allocated once at a bucketed length and read
+whole under a mask, the token's position is a tensor, and each MoE layer gathers its k
+experts' weights. So `torch.compile` traces the step once into one graph (fullgraph,
+no host sync) and reuses it for every token and every generation of the same batch size
+and cache bucket. On CPU the step is compiled by inductor's C++ backend; on CUDA with
+mode="reduce-overhead", i.e. replayed as a CUDA graph (not measured: no GPU here).
+
+What cannot be traced decodes eagerly, with a warning that says why: experts loaded on
+demand (`max_resident_experts`: no stacks to gather from), a selector that does not
+declare itself traceable (`compile_traceable = True`; the model's own RouterTopK does),
+an active `routing_trace()`.
+"""
+
+import functools
+import importlib.util
+import shutil
+import warnings
+
+import torch
+
+from sage_core.model.attention import ModelKVCache
+from sage_core.model.moe import ResidentExperts, RouterTopK
+
+# Cache lengths are rounded up to a multiple of this, so generations of different
+# lengths share one compiled graph (the cache's length is part of its shape).
+CACHE_BUCKET = 256
+
+
+class CompileUnavailable(RuntimeError):
+    """torch.compile cannot build the decode step on this machine (named: what is missing)."""
+
+
+def static_cache_len(needed: int, max_position_embeddings: int) -> int:
+    """`needed` positions rounded up to CACHE_BUCKET, but not past the model's context
+    (unless `needed` itself is longer: the model still runs there, as eager generate does)."""
+    bucketed = -(-needed // CACHE_BUCKET) * CACHE_BUCKET
+    return max(needed, min(bucketed, max_position_embeddings))
+
+
+def compile_options(device: torch.device) -> dict:
+    """torch.compile's arguments for the decode step on `device`."""
+    # One graph, no breaks (a break would be a host sync per token), static shapes. On
+    # CUDA, "reduce-overhead" replays the step as a CUDA graph: one launch per token
+    # instead of one per kernel. CPU has no graphs to replay: inductor's defaults.
+    options = dict(backend="inductor", fullgraph=True, dynamic=False)
+    if device.type == "cuda":
+        options["mode"] = "reduce-overhead"
+    return options
+
+
+def _which(name: str) -> str | None:
+    return shutil.which(name)
+
+
+def check_compiler(device: torch.device) -> None:
+    """Raise CompileUnavailable now if inductor could not build a step for `device`
+    (rather than in the middle of the first token, with a long compiler traceback)."""
+    if device.type == "cpu":
+        import torch._inductor.config as inductor_config
+
+        cxx = inductor_config.cpp.cxx
+        names = [n for n in (cxx if isinstance(cxx, list | tuple) else (cxx,)) if n]
+        if not any(_which(n) for n in names):
+            raise CompileUnavailable(
+                "generate(compile=True) needs a C++ compiler for torch.compile's inductor CPU "
+                f"backend, and none of {names} (torch._inductor.config.cpp.cxx) is on PATH; "
+                "install one (e.g. `apt-get install g++`) or use compile=False"
+            )
+    elif device.type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            raise CompileUnavailable(
+                "generate(compile=True) on CUDA needs triton for torch.compile's inductor "
+                "backend, and it is not installed; `pip install triton` or use compile=False"
+            )
+    else:
+        raise CompileUnavailable(
+            f"generate(compile=True) supports cpu and cuda devices, not {device.type!r}; "
+            "use compile=False"
+        )
+
+
+def eager_reason(model) -> str | None:
+    """Why the compiled step cannot run this model as it is now; None if it can."""
+    for i, block in model.sparse_blocks().items():
+        if not isinstance(block.experts, ResidentExperts):
+            return (
+                f"layer {i}'s experts are loaded on demand ({type(block.experts).__name__}, "
+                "max_resident_experts): the compiled step gathers from resident expert stacks"
+            )
+        selector = block.selector
+        if not (type(selector) is RouterTopK or getattr(selector, "compile_traceable", False)):
+            return (
+                f"layer {i}'s selector {type(selector).__name__} does not declare "
+                "compile_traceable = True (it may sync with the host or keep Python state)"
+            )
+        if block.trace is not None:
+            return "a routing_trace() is recording (it copies every choice to the host)"
+    return None
+
+
+def _step(model, token, input_pos, cache):
+    return model.decode_step(token, input_pos, cache)
+
+
+@functools.cache
+def compiled_step(device_type: str):
+    """The compiled decode step for a device type: one wrapper per process, so every
+    model of the same shapes shares its graphs (and inductor's on-disk cache, by default
+    under /tmp/torchinductor_$USER, makes a second process compile in seconds)."""
+    return torch.compile(_step, **compile_options(torch.device(device_type)))
+
+
+@torch.no_grad()
+def generate_static(model, input_ids, max_new_tokens, next_token, compile: bool):
+    """Prefill eagerly, then `max_new_tokens - 1` static decode steps (compiled or not).
+
+    `next_token(logits (B, V)) -> (B,)` picks each token. -> LongTensor (B, S + new).
+    """
+    B, S = input_ids.shape
+    device = input_ids.device
+    max_len = static_cache_len(S + max_new_tokens, model.config.max_position_embeddings)
+    cache = model.new_cache(B, max_len)
+    step = _step
+    if compile:
+        step = compiled_step(device.type)
+        if device.type == "cuda":
+            _mark_static(cache)
+    # The prompt: eager, with every input check (ids in range, cache room).
+    hidden = model.hidden_states(input_ids, cache=cache)[:, -1]  # (B, H)
+    token = next_token(model.lm_head(hidden))  # (B,)
+    tokens = [input_ids, token[:, None]]
+    input_pos = torch.tensor([S], device=device)  # (1,): the position of `token`
+    bad = torch.zeros((), dtype=torch.bool, device=device)
+    for _ in range(max_new_tokens - 1):
+        logits, step_bad = step(model, token[:, None], input_pos, cache)  # (B, V), ()
+        # Read now: with CUDA graphs the step's outputs are overwritten by the next replay.
+        bad = bad | step_bad
+        token = next_token(logits)
+        tokens.append(token[:, None])
+        input_pos += 1
+    cache.set_length(S + max_new_tokens - 1)
+    if bad.item():  # the one check of the selectors' choices, after the last step
+        raise ValueError(
+            "a selector chose an expert outside [0, num_experts) during the static decode "
+            "(the step clamped it to stay in bounds; the tokens are discarded); run with "
+            "compile=False for the layer and the index"
+        )
+    return torch.cat(tokens, dim=1)
+
+
+def _mark_static(cache: ModelKVCache) -> None:
+    """CUDA graphs replay fixed addresses: the cache's tensors, mutated by every step, must
+    be static inputs (as parameters are) or the graph is not used. guard=False: a new
+    cache of the same shapes reuses the graph instead of recompiling."""
+    for layer in cache.values():
+        torch._dynamo.mark_static_address(layer.k_cache, guard=False)
+        torch._dynamo.mark_static_address(layer.v_cache, guard=False)
+
+
+def warn_eager(reason: str) -> None:
+    warnings.warn(f"generate(compile=True) decodes eagerly: {reason}", RuntimeWarning, stacklevel=3)
