@@ -18,6 +18,9 @@ scored at the same checkpoints (`Arms.train_to`, `run_seed`). The arms (`ARMS`):
 - "report": the report's rule ("report") and update (`report_update`).
 - "learned_bias": a per-(context, layer, expert) router-logit bias fitted by Adam with an
   L2 pull to zero (`LearnedBiasLearner`).
+- "attribution": every served cell's harm estimated from one forward and one backward
+  pass, the most suspect cells verified by real ablations, rule "exclude" on the verified
+  evidence only (`AttributionLearner`).
 
 Contexts are the corpus labels: this separates trust from classifier errors (the
 classifier's own accuracy is measured in `classifier_validation`).
@@ -43,6 +46,7 @@ from sage_core.studies.report_protocol import report_quality, report_update
 from sage_core.studies.statistics import t_interval
 from sage_core.trust import (
     REPORT_PRIOR,
+    AttributionLearner,
     CounterfactualLearner,
     LearnedBiasLearner,
     LearnedBiasSelector,
@@ -62,6 +66,7 @@ ARMS = (
     "routing_weighted",
     "report",
     "learned_bias",
+    "attribution",
 )
 POOLED = "any"  # the one context of context-free trust
 KINDS = ("noise", "sign_flip", "int2", "int3", "int4", "float8")
@@ -91,6 +96,8 @@ class ArmSettings:
     bias_l2: float = 0.0
     bias_batch: int = 8  # learned_bias: windows per Adam step
     scored_batch: int = 8  # routing_weighted and report: windows scored per forward
+    verify_per_window: int = 2  # attribution: real ablations per window
+    attribution_batch: int = 8  # attribution: windows per forward + backward
 
 
 # --- breaking experts -----------------------------------------------------------------------
@@ -315,6 +322,12 @@ class Arms:
                     model, table, rule="bias", beta=s.beta
                 )
                 self.learners[arm] = TrustLearner(table, s.learning_rate, s.baseline_momentum)
+            elif arm == "attribution":
+                table = TrustTable.for_model(model, CONTEXTS)
+                self.selectors[arm] = TrustSelector.for_model(model, table, rule="exclude", **top)
+                self.learners[arm] = AttributionLearner(
+                    table, s.verify_per_window, s.harm_alpha, s.min_ablations
+                )
             elif arm == "report":
                 table = TrustTable.for_model(model, CONTEXTS, prior=REPORT_PRIOR)
                 self.selectors[arm] = TrustSelector.for_model(model, table, rule="report")
@@ -330,6 +343,9 @@ class Arms:
             return 1 + s.ablations_per_window
         if arm == "learned_bias":
             return forward_equivalents(s.bias_batch, s.bias_batch)
+        if arm == "attribution":
+            batch = s.attribution_batch
+            return forward_equivalents(batch * (1 + s.verify_per_window), batch)
         if arm in ("routing_weighted", "report"):
             return s.scored_batch
         return 0
@@ -376,6 +392,15 @@ class Arms:
             ):
                 learner.update(self.model, window.prompt, window.continuation, key)
             passes["forward"] += learner.sequence_forwards - before
+        elif arm == "attribution":
+            windows = self._take(arm, stream, s.attribution_batch)
+            learner = self.learners[arm]
+            forwards, backwards = learner.sequence_forwards, learner.sequence_backwards
+            for contexts, ids, scope in self._batches(windows):
+                with scope:
+                    learner.update_batch(self.model, ids, contexts)
+            passes["forward"] += learner.sequence_forwards - forwards
+            passes["backward"] += learner.sequence_backwards - backwards
         elif arm == "learned_bias":
             windows = self._take(arm, stream, s.bias_batch)
             learner = self.learners[arm]
@@ -552,11 +577,14 @@ def run_seed(
     }
 
 
-def _counterfactual_arms(trained: Arms, breakage):
+EXCLUDING_ARMS = ("counterfactual", "counterfactual_context_free", "attribution")
+
+
+def _excluding_arms(trained: Arms, breakage):
     """(arm, its selector, context, key in its table, broken {layer: experts} in that
-    context) for every counterfactual arm and context."""
+    context) for every arm that excludes on ablation evidence, and every context."""
     for arm in trained.arms:
-        if arm.startswith("counterfactual"):
+        if arm in EXCLUDING_ARMS:
             for context in CONTEXTS:
                 key = POOLED if arm == "counterfactual_context_free" else context
                 broken = breakage.broken_by_context().get(context, {}) if breakage else {}
@@ -567,7 +595,7 @@ def exclusion_records(trained: Arms, breakage, seed: int, budget: int) -> list[d
     """One row per (counterfactual arm, context, layer): the experts it excludes now, the
     broken ones, the healthy ones excluded (false exclusions) and precision@m."""
     out = []
-    for arm, selector, context, key, broken in _counterfactual_arms(trained, breakage):
+    for arm, selector, context, key, broken in _excluding_arms(trained, breakage):
         excluded = excluded_experts(selector, key)
         alpha = selector.harm_alpha
         precision = precision_at_m(selector.table, key, broken, alpha) if broken else math.nan
@@ -595,7 +623,7 @@ def cell_records(trained: Arms, breakage, seed: int) -> list[dict]:
     whether it is broken (for calibration: healthy cells' p-values should not be smaller
     than uniform ones)."""
     out = []
-    for arm, selector, context, key, broken in _counterfactual_arms(trained, breakage):
+    for arm, selector, context, key, broken in _excluding_arms(trained, breakage):
         table = selector.table
         ci = table.context_pos(key)
         p = table.harm_p_values()

@@ -4,9 +4,11 @@ from sage_core.trust.classifier import ContextClassifier
 from sage_core.trust.learners import (
     LEARNERS,
     AblationSelector,
+    AttributionLearner,
     CounterfactualLearner,
     LearnedBiasLearner,
     LearnedBiasSelector,
+    attribution_estimates,
     continuation_nll,
 )
 from sage_core.trust.table import (
@@ -24,6 +26,7 @@ __all__ = [
     "LEARNERS",
     "REPORT_PRIOR",
     "AblationSelector",
+    "AttributionLearner",
     "ContextClassifier",
     "CounterfactualLearner",
     "LearnedBiasLearner",
@@ -33,6 +36,7 @@ __all__ = [
     "TrustSelector",
     "TrustStateError",
     "TrustTable",
+    "attribution_estimates",
     "continuation_nll",
     "dense_routing",
     "excluding_top_k",

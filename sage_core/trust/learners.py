@@ -310,3 +310,220 @@ class LearnedBiasLearner:
         nll = self.accumulate(model, torch.cat([prompt, continuation])[None], [context])
         self.step()
         return {"mean_nll": nll}
+
+
+class AttributionSelector(AblationSelector):
+    """`AblationSelector` that also keeps, per layer, what the attribution estimate needs:
+    the layer's input rows, router probabilities and each token's k + 1 best candidates
+    (its top-k and the next choice, which takes a removed expert's slot)."""
+
+    def __init__(self, top_k: int, norm_topk_prob: bool, masks: dict, batch: int):
+        super().__init__(top_k, norm_topk_prob, masks, batch)
+        self.records: dict[int, tuple] = {}
+
+    def __call__(self, router_logits, layer_idx, hidden_states):
+        B, k = self.batch, self.top_k
+        probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)  # (T, E)
+        mask = self.masks.get(layer_idx)
+        if mask is not None:
+            mask = mask.to(probs.device).repeat_interleave(router_logits.shape[0] // B, 0)
+        candidates, _ = excluding_top_k(probs.detach(), mask, k + 1, False)  # (T, k + 1)
+        self.records[layer_idx] = (hidden_states.detach(), probs.detach(), candidates)
+        indices, weights = excluding_top_k(probs, mask, k, self.norm_topk_prob)
+        return indices, weights.to(hidden_states.dtype)
+
+
+def _expert_outputs(x: torch.Tensor, candidates: torch.Tensor, experts) -> torch.Tensor:
+    """(T, k + 1, H): each candidate expert's output on its token, one expert at a time."""
+    out = x.new_zeros(*candidates.shape, x.shape[1])
+    for e in candidates.unique().tolist():
+        token, slot = (candidates == e).nonzero(as_tuple=True)
+        gate_up, down = experts.expert(e)
+        gate, up = F.linear(x[token], gate_up).chunk(2, dim=-1)  # each (rows, I)
+        out[token, slot] = F.linear(F.silu(gate) * up, down)
+    return out
+
+
+def removal_changes(probs, candidates, outputs, norm_topk_prob: bool) -> torch.Tensor:
+    """(T, k, H): the exact change of a layer's output at each token when the expert in
+    slot j is removed and its slot handed to the token's next choice (the k-th candidate),
+    the weights renormalised as the router does. probs (T, E), candidates (T, k + 1),
+    outputs (T, k + 1, H) as from `_expert_outputs`."""
+    p = probs.gather(1, candidates).to(outputs.dtype)  # (T, k + 1)
+    k = candidates.shape[1] - 1
+    kept, nxt = p[:, :k], p[:, k:]  # (T, k), (T, 1)
+    total = kept.sum(1, keepdim=True) if norm_topk_prob else torch.ones_like(nxt)
+    mix = torch.einsum("tk,tkh->th", kept, outputs[:, :k])  # (T, H), unnormalised
+    # Without slot j: (mix - p_j f_j + p_n f_n) / (total - p_j + p_n), for every j at once.
+    without = mix[:, None] - kept[..., None] * outputs[:, :k] + nxt[..., None] * outputs[:, k:]
+    new_total = total - kept + nxt  # (T, k)
+    if not norm_topk_prob:
+        new_total = torch.ones_like(new_total)
+    return without / new_total[..., None] - (mix / total)[:, None]  # (T, k, H)
+
+
+def attribution_estimates(model, ids: torch.Tensor, masks: dict) -> dict:
+    """Every served (layer, expert) cell's effect on each window's mean NLL, estimated from
+    one forward and one backward pass of (B, S) `ids` routed as `AblationSelector(masks)`
+    routes them (the removals in `masks` taken as the base).
+
+    Per MoE layer the forward keeps each token's input, router probabilities and next
+    choice; removing expert e from a token changes the layer's output by an exactly
+    computed `removal_changes` vector; the backward gives the gradient g of the window's
+    mean NLL (every next-token prediction) with respect to the layer's output, and the
+    first-order estimate of the NLL change when e is removed from the window is the sum
+    over the tokens it served of g . change. Attribution patching (Nanda; Syed et al.
+    2023) with the patch computed exactly inside the layer, linearised only downstream.
+
+    Returns {"harm": (B, L, E) estimated harm (NLL with the expert minus without; 0 where
+    it served nothing), "served": (B, L, E) bool, "nll": (B,) base mean NLL}, layers in
+    sorted order."""
+    device = model.model.embed_tokens.weight.device
+    ids = ids.to(device)
+    B, S = ids.shape
+    c = model.config
+    blocks = model.sparse_blocks()
+    layers = sorted(blocks)
+    selector = AttributionSelector(c.num_experts_per_tok, c.norm_topk_prob, masks, B)
+    outputs = {}
+    hooks = [
+        block.register_forward_hook(lambda m, a, out, i=i: outputs.__setitem__(i, out[0]))
+        for i, block in blocks.items()
+    ]
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    model.set_selector(selector)
+    try:
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            embed = model.model.embed_tokens
+            handle = embed.register_forward_hook(lambda m, a, out: out.requires_grad_(True))
+            try:
+                nll = continuation_nll(model, ids, 1)  # (B, S - 1)
+            finally:
+                handle.remove()
+            window_nll = nll.mean(1)  # (B,)
+            grads = torch.autograd.grad(window_nll.sum(), [outputs[i] for i in layers])
+    finally:
+        model.set_selector(None)
+        for h in hooks:
+            h.remove()
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+    E = c.num_experts
+    harm = torch.zeros(B, len(layers), E, dtype=torch.float64)
+    served = torch.zeros(B, len(layers), E, dtype=torch.bool)
+    with torch.no_grad():
+        for li, (layer, grad) in enumerate(zip(layers, grads, strict=True)):
+            x, probs, candidates = selector.records[layer]
+            fx = _expert_outputs(x, candidates, blocks[layer].experts)  # (T, k + 1, H)
+            change = removal_changes(probs, candidates, fx, c.norm_topk_prob)  # (T, k, H)
+            g = grad.reshape(-1, grad.shape[-1])[:, None]  # (T, 1, H)
+            effect = (g * change).sum(-1).double().reshape(B, S, -1)  # (B, S, k)
+            chosen = candidates[:, :-1].reshape(B, S, -1)[:, : S - 1]  # feeds scored logits
+            effect = effect[:, : S - 1]
+            for b in range(B):
+                harm[b, li].index_add_(0, chosen[b].reshape(-1).cpu(), -effect[b].reshape(-1).cpu())
+                served[b, li, chosen[b].reshape(-1).cpu()] = True
+    return {"harm": harm, "served": served, "nll": window_nll.detach().double().cpu()}
+
+
+class AttributionLearner(CounterfactualLearner):
+    """Attribution proposes, ablation verifies. Per minibatch of windows: one forward and
+    one backward pass (`attribution_estimates`, with each context's suspected cells
+    removed, as the counterfactual learner's base pass) estimates every served cell's
+    harm, kept per (context, layer, expert) in `estimates` (mean, count and SE, as the
+    table keeps harms). Then `verify_per_window` cells per window, ranked by their harm so
+    far (a cell's measured mean once it has two real ablations, its estimated mean
+    before), are measured by real paired ablations in one batched forward, exactly as the
+    counterfactual learner measures them (relative to the suspected set; a suspected cell
+    is put back). Only those measurements enter `table`, so only verified evidence
+    excludes. Cost per window: 1 forward, 1 backward, `verify_per_window` forwards."""
+
+    def __init__(
+        self,
+        table: TrustTable,
+        verify_per_window: int = 2,
+        alpha: float = 0.05,
+        min_ablations: int = 3,
+    ):
+        super().__init__(table, verify_per_window, alpha, 0.0, min_ablations)
+        self.estimates = TrustTable(table.layers, table.contexts, table.num_experts)
+        self.sequence_backwards = 0
+
+    def choose_cells(self, context: str, candidates: torch.Tensor) -> list[tuple[int, int]]:
+        """At most `ablations_per_window` candidate cells: undecided cells first, by harm
+        so far (measured mean after two ablations, else estimated mean), then by usage."""
+        table, ci = self.table, self.table.context_pos(context)
+        measured = table.harm_count[:, ci] >= 2
+        score = torch.where(
+            measured, table.harm_mean[:, ci], self.estimates.harm_mean[:, ci]
+        ).double()
+        decided = torch.stack(
+            [
+                table.harmful(layer, context, self.alpha, self.min_ablations)
+                for layer in table.layers
+            ]
+        )
+        usage = table.counts[:, ci]
+        order = sorted(
+            (bool(decided[li, e]), -float(score[li, e]), -float(usage[li, e]), layer, e)
+            for li, layer in enumerate(table.layers)
+            for e in range(table.num_experts)
+            if candidates[li, e]
+        )
+        return [(layer, e) for *_, layer, e in order[: self.ablations_per_window]]
+
+    def update_batch(self, model, ids: torch.Tensor, contexts: list[str]) -> dict:
+        """Estimate on (B, S) `ids` (sequence b in context contexts[b]), then verify.
+        Returns {"cells": [(context, layer, expert, harm)] verified, "mean_nll": (B,)}."""
+        missing = set(self.table.layers) - set(model.sparse_blocks())
+        if missing:
+            raise ValueError(f"the model has no sparse layer for trusted layers {sorted(missing)}")
+        if len(contexts) != ids.shape[0]:
+            raise ValueError(f"{len(contexts)} contexts for {ids.shape[0]} windows")
+        layers, c = self.table.layers, model.config
+        removed = {ctx: self.suspected(ctx) for ctx in set(contexts)}  # (L, E) each
+        masks = {
+            layer: torch.stack([removed[ctx][li] for ctx in contexts])
+            for li, layer in enumerate(layers)
+        }  # (B, E) per layer
+        est = attribution_estimates(model, ids, masks)
+        self.sequence_forwards += ids.shape[0]
+        self.sequence_backwards += ids.shape[0]
+        plan = []  # (window, layer, expert)
+        for b, ctx in enumerate(contexts):
+            ci = self.table.context_pos(ctx)
+            for li, layer in enumerate(layers):
+                self.table.counts[li, ci] += est["served"][b, li].float()
+                for e in est["served"][b, li].nonzero().flatten().tolist():
+                    self.estimates.record_harm(layer, ctx, e, float(est["harm"][b, li, e]))
+            self.table.updates[ci] += 1
+            served = est["served"][b] | removed[ctx]
+            plan += [(b, layer, e) for layer, e in self.choose_cells(ctx, served)]
+        recorded = []
+        if plan:
+            masks = {layer: masks[layer][[b for b, *_ in plan]].clone() for layer in layers}
+            for row, (_, layer, e) in enumerate(plan):  # copy `row` toggles its cell
+                masks[layer][row, e] = ~masks[layer][row, e]
+            model.set_selector(
+                AblationSelector(c.num_experts_per_tok, c.norm_topk_prob, masks, len(plan))
+            )
+            device = model.model.embed_tokens.weight.device
+            try:
+                with torch.no_grad():
+                    copies = ids[[b for b, *_ in plan]].to(device)
+                    nll = continuation_nll(model, copies, 1).mean(1).double().cpu()
+            finally:
+                model.set_selector(None)
+            self.sequence_forwards += len(plan)
+            for row, (b, layer, e) in enumerate(plan):
+                change = float(nll[row] - est["nll"][b])  # copy minus base
+                harm = -change if bool(masks[layer][row, e]) else change
+                self.table.record_harm(layer, contexts[b], e, harm)
+                recorded.append((contexts[b], layer, e, harm))
+        return {"cells": recorded, "mean_nll": est["nll"]}
+
+    def update(self, model, prompt: torch.Tensor, continuation: torch.Tensor, context: str):
+        """One window."""
+        return self.update_batch(model, torch.cat([prompt, continuation])[None], [context])
