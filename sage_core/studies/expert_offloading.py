@@ -1316,7 +1316,8 @@ def reads_ratio(rows, fraction: float, arm: str, reference: str = "lru", phase="
     )
     mine = seed_values(rows, "experts_read_per_token", policy=arm, fraction=fraction, phase=phase)
     seeds = sorted(ref)
-    return ratio_of_means([ref[s] for s in seeds], [mine[s] for s in seeds])
+    out = ratio_of_means([ref[s] for s in seeds], [mine[s] for s in seeds])
+    return dict(out, mean=out["ratio"])
 
 
 def predictor_accuracy(sets, predictor, horizons=(1, 2, 4, 8), stride: int = 4) -> dict:
@@ -1369,3 +1370,79 @@ if __name__ == "__main__":
     if sys.argv[1:] != ["fit-predictor"]:
         sys.exit("usage: python -m sage_core.studies.expert_offloading fit-predictor")
     print(fit_default_predictor())
+
+
+REUSE_STYLE = {
+    "lru": ("C0", "o"),
+    "layer_lru": ("C1", "o"),
+    "lfu": ("C2", "o"),
+    "activation": ("C4", "o"),
+    "layer_aware": ("C5", "s"),
+    "learned": ("C3", "D"),
+    "lookahead_1tok": ("0.65", "^"),
+    "lookahead_2tok": ("0.45", "^"),
+    "lookahead_4tok": ("0.25", "^"),
+    "belady": ("k", "*"),
+}
+
+
+def reuse_summary(selection_rows, rows, fraction: float) -> dict:
+    """At one cache size: the best existing online policy chosen on the selection traces,
+    then on the scoring traces the learned policy's hit-rate gain over it and its share of
+    the LRU-to-Belady gap per (context, phase), and decode reads per token vs LRU."""
+    best = best_online_policy(selection_rows, fraction, cache_policy.EXISTING_POLICIES)
+    gain = gain_over(rows, fraction, "learned", best)
+    return {
+        "best_existing": best,
+        "gain": gain,
+        "gain_over_lru": gain_over(rows, fraction, "learned", "lru"),
+        "gap_closed": gap_closed_by_cell(rows, fraction, "learned"),
+        "gap_closed_best": gap_closed_by_cell(rows, fraction, best),
+        "reads_vs_lru": reads_ratio(rows, fraction, "learned"),
+        "gain_target_met": all(ci["mean"] >= 0.05 and ci["low"] > 0 for ci in gain.values()),
+    }
+
+
+def plot_reuse(rows, fractions=REUSE_FRACTIONS):
+    """Hit rate per policy at each cache size (mean over seeds of the per-seed mean over
+    contexts and phases, 95% t interval), scoring documents."""
+    import matplotlib.pyplot as plt
+
+    seeds = len({r["seed"] for r in rows})
+    fig, axes = plt.subplots(1, len(fractions), figsize=(12, 3.8), sharey=False)
+    for ax, f in zip(axes, fractions, strict=True):
+        for i, (policy, (color, marker)) in enumerate(REUSE_STYLE.items()):
+            ci = interval(rows, "hit_rate", policy=policy, fraction=f)
+            ax.errorbar(
+                [i],
+                [ci["mean"]],
+                yerr=_errors(ci),
+                color=color,
+                marker=marker,
+                capsize=3,
+                ls="none",
+            )
+        ax.set_xticks(range(len(REUSE_STYLE)))
+        ax.set_xticklabels(list(REUSE_STYLE), rotation=60, ha="right", fontsize=8)
+        ax.set_title(f"cache {100 * f:g}% of experts (held-out, {seeds} seeds)", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("hit rate (95% t interval)")
+    fig.tight_layout()
+    return fig
+
+
+@torch.no_grad()
+def decode_step_seconds(model, tokenizer, tokens: int = 32, repeats: int = 3) -> float:
+    """Median over `repeats` of the wall time per token of a greedy decode of `tokens`
+    tokens after a 16-token prompt (all experts resident): the step the policy must be
+    cheap next to."""
+    import time
+
+    prompt = torch.arange(3, 19)[None]
+    times = []
+    generate(model, prompt, 2)  # warm-up
+    for _ in range(repeats):
+        start = time.perf_counter()
+        generate(model, prompt, tokens)
+        times.append((time.perf_counter() - start) / tokens)
+    return float(np.median(times))
