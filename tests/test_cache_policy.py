@@ -457,3 +457,16 @@ def test_the_committed_predictor_loads_and_says_what_it_was_fitted_on():
     predictor = reuse.default_predictor()
     assert predictor.info["text"].startswith("training split")
     assert predictor.num_layers == 4 and predictor.num_experts == 32
+
+
+def test_learned_policy_evicts_the_key_predicted_to_be_needed_last():
+    # Each token uses expert t % 5 in both of 2 layers, with room for 8 of the 10 keys: LRU
+    # misses every request, Belady about one in four. Reuse distance grows with recency
+    # here, so a predictor fitted on the loop must evict recently used keys and hit most.
+    keys = [(layer, t % 5) for t in range(150) for layer in (0, 1)]
+    x, y = reuse.training_rows(as_array(keys), [0, 1], 5, cap=8.0)
+    predictor = reuse.ReusePredictor.fit(x, y, 2, 5, 8.0)
+    policy = cp.make_policy("learned", 8, layers=[0, 1], predictor=predictor)
+    learned = cp.simulate(as_array(keys), policy)
+    assert cp.simulate(as_array(keys), cp.make_policy("lru", 8)).hit_rate == 0
+    assert learned.hit_rate > 0.6

@@ -86,6 +86,9 @@ class StepClock:
     def advance(self, key) -> bool:
         """Move the clock to `key`'s layer call; -> whether a new layer call started."""
         q = self.pos_of(key)
+        if self.num_layers == 1:  # no layer order to read: every request is its own step
+            self.step, self.pos, self.call = self.step + 1, 0, self.call + 1
+            return True
         if q == self.pos:
             return False
         if q < self.pos:
