@@ -106,14 +106,16 @@ class TransformersThinker:
         return self.thinker.lm_head(hidden)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Greedy generation with transformers' own KV cache, exactly `max_new_tokens`."""
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+        """Greedy generation with transformers' own KV cache, exactly `max_new_tokens`
+        (kwargs: more generate() options, e.g. cache_implementation="static")."""
         return self.thinker.generate(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
             max_new_tokens=max_new_tokens,
             min_new_tokens=max_new_tokens,
             do_sample=False,
+            **kwargs,
         )
 
 

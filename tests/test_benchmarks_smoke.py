@@ -65,6 +65,7 @@ TOY_WORK = Workload(
     max_rounds=1,
     rss_prompt=8,
     rss_decode=2,
+    compile_time=False,  # two fresh processes compiling: covered by `make bench` itself
 )
 
 
@@ -79,6 +80,7 @@ def test_run_config_rows_checks_and_table(toy_checkpoint, tmp_path):
     assert ("prefill tok/s", "transformers experts=eager") in measures
     assert ("prefill tok/s", "per-token per-expert loop") in measures
     assert ("decode tok/s", "transformers generate experts=eager") in measures
+    assert ("compiled decode tok/s", "sage_core eager generate (compile=False)") in measures
     assert [m[0] for m in measures[-4:]] == [
         "forward time, trust / router",
         "classifier predict, ms per generation",
