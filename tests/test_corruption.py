@@ -167,7 +167,13 @@ def test_every_arm_trains_to_the_same_budget_on_the_same_windows():
     model = tiny_model()
     stream = windows(2)
     breakage = trust_runs.Breakage(model, CHOSEN, "noise", seed=1)
-    settings = trust_runs.ArmSettings(ablations_per_window=3, bias_batch=2, scored_batch=4)
+    settings = trust_runs.ArmSettings(
+        ablations_per_window=3,
+        bias_batch=2,
+        scored_batch=4,
+        attribution_batch=2,
+        verify_per_window=1,
+    )
     before = state(model)
     arms = trust_runs.Arms(model, trust_runs.ARMS, settings, breakage)
     budget = trust_runs.budget_of(len(stream), settings)
@@ -187,6 +193,11 @@ def test_every_arm_trains_to_the_same_budget_on_the_same_windows():
     # the learned bias: 2 windows per step cost 2 forwards + 2 backwards = 6 forward equivalents
     assert passes["learned_bias"]["forward"] == passes["learned_bias"]["backward"] == 8
     assert arms.spent("learned_bias") == 24
+    # attribution: 2 windows per step, each 1 forward + 1 backward + 1 verifying forward = 8
+    assert arms.step_cost("attribution") == 8
+    assert passes["attribution"]["forward"] == 12 and passes["attribution"]["backward"] == 6
+    verified = arms.learners["attribution"].table.harm_count.sum()
+    assert verified == passes["attribution"]["windows"] == 6
     assert passes["routing_weighted"]["forward"] == budget  # epochs over the stream
     assert passes["routing_weighted"]["windows"] == 4 * len(stream)
     assert passes["router"] == {"forward": 0, "backward": 0, "windows": 0}

@@ -139,3 +139,71 @@ def test_the_frozen_settings_are_the_committed_tuning_choice():
         winner = max(best, key=lambda k: best[k][0] / best[k][1])
         assert json.loads(winner) == chosen["setting"], arm
         assert {r["seed"] for r in mine} == set(tuning.TUNING_SEEDS)
+
+
+def test_committed_records_are_read_only_for_the_parameters_they_were_computed_with(
+    tmp_path, monkeypatch
+):
+    calls = []
+
+    def fake_evaluate(model, tokenizer, seeds, settings=None, **kwargs):
+        calls.append(list(seeds))
+        return {"broken": {"curve": [{"seed": seeds[0], "excluded": (1, 2)}]}}
+
+    monkeypatch.setattr(learning_curve, "evaluate", fake_evaluate)
+    settings = trust_runs.ArmSettings()
+    kwargs = {"num_windows": 4, "no_harm_multiple": 2, "workers": 2}
+    path = tmp_path / "records.json"
+    records, source = learning_curve.load_or_evaluate(None, None, [7, 8], settings, path, **kwargs)
+    assert source == "computed now" and calls == [[7, 8]]
+    assert records["broken"]["curve"][0]["excluded"] == [1, 2]  # as JSON would give it back
+    stored = {
+        "parameters": learning_curve.parameters_of(
+            [7, 8], settings, num_windows=4, no_harm_multiple=2
+        ),
+        "records": records,
+    }
+    path.write_text(json.dumps(stored))
+    again, source = learning_curve.load_or_evaluate(None, None, [7, 8], settings, path, **kwargs)
+    assert again == records and source.startswith("read") and len(calls) == 1
+    # another first seed, another setting or another budget: computed, never read
+    learning_curve.load_or_evaluate(None, None, [9, 10], settings, path, **kwargs)
+    other = trust_runs.ArmSettings(verify_per_window=settings.verify_per_window + 1)
+    learning_curve.load_or_evaluate(None, None, [7, 8], other, path, **kwargs)
+    learning_curve.load_or_evaluate(
+        None, None, [7, 8], settings, path, **{**kwargs, "num_windows": 5}
+    )
+    assert len(calls) == 4
+
+
+def test_the_committed_curve_records_match_the_notebook_defaults():
+    stored = json.loads(learning_curve.TABLE.read_text())["parameters"]
+    seeds = list(range(tuning.EVALUATION_SEED, tuning.EVALUATION_SEED + 10))
+    want = learning_curve.parameters_of(
+        seeds,
+        trust_runs.ArmSettings(),
+        **{k: v for k, v in learning_curve.DEFAULTS.items() if k != "num_seeds"},
+    )
+    assert stored == json.loads(json.dumps(want))
+
+
+def test_attribution_check_summary_and_cost_by_hand():
+    from sage_core.studies import attribution_check
+
+    cells = [
+        {"seed": 0, "window": 0, "layer": 0, "broken": b, "estimate": est, "truth": true}
+        for b, est, true in (
+            (True, 0.3, 0.2),
+            (True, -0.1, 0.1),
+            (False, 0.2, -0.1),
+            (False, -0.2, -0.3),
+        )
+    ]
+    s = attribution_check.summary(cells)
+    assert s["cells"] == 4 and s["broken_cells"] == 2
+    assert s["sign_right_on_broken"] == 0.5 and s["broken_called_harmful"] == 0.5
+    assert s["broken_share_of_top2"] == 0.5  # top 2 by estimate: 0.3 (broken), 0.2 (healthy)
+    assert s["spearman"] == pytest.approx(0.8)
+    row = attribution_check.cost_row(48, 128, 8, 63)
+    assert row["cells"] == 6144 and row["attribution"] == 3
+    assert row["ablation"] == pytest.approx(6144 * (1 - (1 - 8 / 128) ** 63))

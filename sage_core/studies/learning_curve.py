@@ -18,13 +18,20 @@ exclusions on the broken model.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from pathlib import Path
+
 import numpy as np
 import scipy.stats
 
+from sage_core.atomic import atomic_write_json
+from sage_core.paths import TABLES
 from sage_core.studies import statistics, trust_runs
 
-ARMS = ("router", "oracle", "counterfactual", "learned_bias", "routing_weighted")
-LEARNING_ARMS = ("counterfactual", "learned_bias", "routing_weighted")
+ARMS = ("router", "oracle", "counterfactual", "attribution", "learned_bias", "routing_weighted")
+LEARNING_ARMS = ("counterfactual", "attribution", "learned_bias", "routing_weighted")
+NO_HARM_ARMS = ("router", "counterfactual", "attribution")
 BROKEN = {"m": 2, "pool": 8, "kind": "noise", "contexts": None}  # notebook 07's primary
 NO_HARM_MARGIN = 0.005  # "no harm": held-out perplexity within +-0.5% of the router's (TOST)
 MIN_DAMAGE = 0.01  # recovery is scored on seeds whose breakage raised perplexity by > 1%
@@ -32,6 +39,7 @@ EQUIVALENCE_MARGIN = 0.1  # two arms' recoveries "level" when within +-0.1 (TOST
 NO_HARM_CHECKPOINTS = (0.5, 1.0)  # of 2x the curve's windows: 1x and 2x its budget
 ARM_COLORS = {
     "counterfactual": "C0",
+    "attribution": "C5",
     "learned_bias": "C1",
     "routing_weighted": "C4",
     "counterfactual_forced": "C3",
@@ -46,6 +54,95 @@ def run(model, tokenizer, seeds, **kwargs) -> dict[str, dict]:
             model, tokenizer, seeds, ARMS, breakage_spec=BROKEN, desc="broken", **kwargs
         ),
     }
+
+
+TABLE = TABLES / "05_learning_curve.json"
+RECORDS = ("curve", "rows", "exclusion_curve", "exclusions", "cells")
+
+
+def evaluate(
+    model,
+    tokenizer,
+    seeds,
+    num_windows: int,
+    no_harm_multiple: int,
+    settings=None,
+    workers: int = 1,
+    **kwargs,
+) -> dict[str, dict]:
+    """Everything notebook 05 trains: `run` (the curve, healthy and broken), and the
+    no-harm run (`NO_HARM_ARMS` on the healthy model, `no_harm_multiple` times the
+    windows, checkpoints `NO_HARM_CHECKPOINTS`, with the forced-exclusion line)."""
+    settings = settings or trust_runs.ArmSettings()
+    common = {"settings": settings, "workers": workers, **kwargs}
+    out = run(model, tokenizer, seeds, num_windows=num_windows, **common)
+    out["no_harm"] = trust_runs.run_arms(
+        model,
+        tokenizer,
+        seeds,
+        NO_HARM_ARMS,
+        num_windows=no_harm_multiple * num_windows,
+        checkpoints=NO_HARM_CHECKPOINTS,
+        forced_per_layer=1,
+        desc="healthy, longer",
+        **common,
+    )
+    return {name: {r: records[r] for r in RECORDS} for name, records in out.items()}
+
+
+def parameters_of(seeds, settings, **kwargs) -> dict:
+    """What a run of `evaluate` depends on, as stored beside its records."""
+    return {"seeds": list(seeds), "settings": dataclasses.asdict(settings), **kwargs}
+
+
+def load_or_evaluate(model, tokenizer, seeds, settings, path=TABLE, **kwargs):
+    """(records, source): the committed records when they were computed with these
+    parameters (`parameters_of`), else `evaluate` now. Regenerate the committed ones with
+    `python -m sage_core.studies.learning_curve` after any change to the arms' code."""
+    want = parameters_of(seeds, settings, **{k: v for k, v in kwargs.items() if k != "workers"})
+    path = Path(path)
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored["parameters"] == json.loads(json.dumps(want)):
+            return stored["records"], f"read from {path.name} (computed with these parameters)"
+    records = evaluate(model, tokenizer, seeds, settings=settings, **kwargs)
+    return json.loads(json.dumps(records, default=float)), "computed now"
+
+
+def main(argv=None) -> int:
+    """`python -m sage_core.studies.learning_curve`: notebook 05's runs on its default
+    parameters, written to tables/05_learning_curve.json."""
+    import argparse
+
+    import torch
+
+    from sage_core.studies import experiments, tuning
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=tuning.EVALUATION_SEED)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--out", default=str(TABLE))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    torch.manual_seed(args.seed)
+    model, tokenizer, _ = experiments.load_model()
+    seeds = list(range(args.seed, args.seed + DEFAULTS["num_seeds"]))
+    settings = trust_runs.ArmSettings()
+    kwargs = {k: v for k, v in DEFAULTS.items() if k != "num_seeds"}
+    records = evaluate(model, tokenizer, seeds, settings=settings, workers=args.workers, **kwargs)
+    payload = {"parameters": parameters_of(seeds, settings, **kwargs), "records": records}
+    atomic_write_json(args.out, payload, indent=None, default=float)
+    return 0
+
+
+DEFAULTS = {  # notebook 05's parameters
+    "num_seeds": 10,
+    "num_windows": 96,
+    "no_harm_multiple": 2,
+    "heldout_per_context": 8,
+    "prompt_tokens": 32,
+    "continuation_tokens": 32,
+}
 
 
 def curve_table(curve: list[dict], min_damage: float | None = None) -> list[dict]:
@@ -151,14 +248,14 @@ def _band(ax, table, arm, key, scale=1.0, value="mean", **style):
 
 
 def plot_learning_curve(
-    healthy: list[dict], broken: list[dict], differences: dict[int, dict], title: str = ""
+    healthy: list[dict], broken: list[dict], differences: dict[str, dict], title: str = ""
 ):
     """Four panels over training compute (forward equivalents per seed, log scale; the
     untrained start drawn at 1): the healthy model's held-out perplexity change against
     the router; the broken model's held-out perplexity with the router, oracle reference
-    and clean model as lines; the broken model's recovery (ratio of means); and the
-    paired difference counterfactual minus learned bias ({budget:
-    `paired_recovery_difference`}) with its t interval and the TOST margin."""
+    and clean model as lines; the broken model's recovery (ratio of means); and paired
+    differences between arms ({label: {budget: `paired_recovery_difference`}}) with
+    their t intervals and the TOST margin."""
     import matplotlib.pyplot as plt
 
     fig, (a, b, c, d) = plt.subplots(1, 4, figsize=(16, 3.8))
@@ -184,20 +281,12 @@ def plot_learning_curve(
     b.axhline(line["router"]["clean_perplexity"], color="C2", ls=":", lw=1, label="clean model")
     b.set_ylabel("broken: held-out perplexity")
     c.set_ylabel("broken: recovery (0 router, 1 clean)")
-    x = sorted(differences)
-    mid = [differences[k]["difference"]["mean"] for k in x]
-    d.errorbar(
-        x,
-        mid,
-        yerr=[
-            [m - differences[k]["difference"]["low"] for m, k in zip(mid, x, strict=True)],
-            [differences[k]["difference"]["high"] - m for m, k in zip(mid, x, strict=True)],
-        ],
-        fmt="o-",
-        color="k",
-        capsize=2,
-        label="counterfactual - learned bias",
-    )
+    for (label, by_budget), color in zip(differences.items(), ("k", "C5", "C0"), strict=False):
+        x = sorted(by_budget)
+        mid = [by_budget[k]["difference"]["mean"] for k in x]
+        low = [m - by_budget[k]["difference"]["low"] for m, k in zip(mid, x, strict=True)]
+        high = [by_budget[k]["difference"]["high"] - m for m, k in zip(mid, x, strict=True)]
+        d.errorbar(x, mid, yerr=[low, high], fmt="o-", color=color, capsize=2, label=label)
     d.axhline(0, color="0.3", lw=0.8)
     d.axhspan(-EQUIVALENCE_MARGIN, EQUIVALENCE_MARGIN, color="C2", alpha=0.15, lw=0)
     d.set_ylabel("broken: paired recovery difference")
@@ -224,3 +313,7 @@ def plot_calibration(calibration: dict, title: str = ""):
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from pathlib import Path
 
 import torch
 
@@ -43,6 +44,9 @@ GRIDS = {
     "counterfactual": {"explore": [0.0, 0.25, 0.5, 1.0, 2.0]},
     "learned_bias": {"bias_learning_rate": [0.01, 0.03, 0.1, 0.3], "bias_l2": [0.0, 1e-3, 1e-2]},
     "routing_weighted": {"learning_rate": [0.1, 0.5, 2.0]},
+    # the budget split between estimation (1 forward + 1 backward per window) and
+    # verification (real ablations per window)
+    "attribution": {"verify_per_window": [1, 2, 4]},
 }
 
 
@@ -56,8 +60,15 @@ def settings_grid(arm: str, base: trust_runs.ArmSettings) -> list[dict]:
     return combos
 
 
-def tune(model, tokenizer, seeds=TUNING_SEEDS, num_windows: int = NUM_WINDOWS, workers: int = 1):
-    """Every arm's grid on the tuning seeds. Returns (rows, choice): one row per (arm,
+def tune(
+    model,
+    tokenizer,
+    seeds=TUNING_SEEDS,
+    num_windows: int = NUM_WINDOWS,
+    workers: int = 1,
+    arms=tuple(GRIDS),
+):
+    """The grids of `arms` (default: every arm) on the tuning seeds. Returns (rows, choice): one row per (arm,
     setting, seed) with the damage and what the arm won back, and {arm: {"setting",
     "recovery" (ratio of means with its interval)}} for the best setting of each arm."""
     if set(seeds) & set(range(EVALUATION_SEED, EVALUATION_SEED + 1000)):
@@ -65,7 +76,10 @@ def tune(model, tokenizer, seeds=TUNING_SEEDS, num_windows: int = NUM_WINDOWS, w
     corpus = experiments.ValidationCorpus(load_corpus())
     base = trust_runs.ArmSettings()
     rows, choice = [], {}
-    for arm in GRIDS:
+    unknown = set(arms) - set(GRIDS)
+    if unknown:
+        raise ValueError(f"no tuning grid for arms {sorted(unknown)}; grids: {sorted(GRIDS)}")
+    for arm in arms:
         best = None
         for setting in settings_grid(arm, base):
             settings = dataclasses.replace(base, **setting)
@@ -106,11 +120,24 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default=str(TABLES))
+    parser.add_argument(
+        "--arms",
+        nargs="+",
+        default=list(GRIDS),
+        help="tune these arms only; the committed rows and choices of the others are kept",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model, tokenizer, _ = experiments.load_model()
-    rows, choice = tune(model, tokenizer, workers=args.workers)
+    rows, choice = tune(model, tokenizer, workers=args.workers, arms=args.arms)
+    if set(args.arms) != set(GRIDS):
+        kept = json.loads(Path(f"{args.out}/tuning_choice.json").read_text())["choice"]
+        choice = {
+            arm: choice.get(arm, kept.get(arm)) for arm in GRIDS if arm in choice or arm in kept
+        }
+        old = json.loads(Path(f"{args.out}/tuning_arms.json").read_text())
+        rows = [r for r in old if r["arm"] not in args.arms] + rows
     atomic_write_table(f"{args.out}/tuning_arms", rows, indent=1)
     payload = {
         "tuning_seeds": list(TUNING_SEEDS),

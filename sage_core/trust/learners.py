@@ -451,20 +451,19 @@ class AttributionLearner(CounterfactualLearner):
         self.estimates = TrustTable(table.layers, table.contexts, table.num_experts)
         self.sequence_backwards = 0
 
-    def choose_cells(self, context: str, candidates: torch.Tensor) -> list[tuple[int, int]]:
+    def choose_cells(
+        self, context: str, candidates: torch.Tensor, decided: torch.Tensor | None = None
+    ) -> list[tuple[int, int]]:
         """At most `ablations_per_window` candidate cells: undecided cells first, by harm
-        so far (measured mean after two ablations, else estimated mean), then by usage."""
+        so far (measured mean after two ablations, else estimated mean), then by usage.
+        `decided` ((L, E) bool, the cells already shown harmful) is computed if not given."""
         table, ci = self.table, self.table.context_pos(context)
         measured = table.harm_count[:, ci] >= 2
         score = torch.where(
             measured, table.harm_mean[:, ci], self.estimates.harm_mean[:, ci]
         ).double()
-        decided = torch.stack(
-            [
-                table.harmful(layer, context, self.alpha, self.min_ablations)
-                for layer in table.layers
-            ]
-        )
+        if decided is None:
+            decided = self.decided(context)
         usage = table.counts[:, ci]
         order = sorted(
             (bool(decided[li, e]), -float(score[li, e]), -float(usage[li, e]), layer, e)
@@ -473,6 +472,15 @@ class AttributionLearner(CounterfactualLearner):
             if candidates[li, e]
         )
         return [(layer, e) for *_, layer, e in order[: self.ablations_per_window]]
+
+    def decided(self, context: str) -> torch.Tensor:
+        """(L, E) bool: the cells of `context` shown harmful (what the selector excludes)."""
+        return torch.stack(
+            [
+                self.table.harmful(layer, context, self.alpha, self.min_ablations)
+                for layer in self.table.layers
+            ]
+        )
 
     def update_batch(self, model, ids: torch.Tensor, contexts: list[str]) -> dict:
         """Estimate on (B, S) `ids` (sequence b in context contexts[b]), then verify.
@@ -484,6 +492,7 @@ class AttributionLearner(CounterfactualLearner):
             raise ValueError(f"{len(contexts)} contexts for {ids.shape[0]} windows")
         layers, c = self.table.layers, model.config
         removed = {ctx: self.suspected(ctx) for ctx in set(contexts)}  # (L, E) each
+        decided = {ctx: self.decided(ctx) for ctx in set(contexts)}  # fixed until verified
         masks = {
             layer: torch.stack([removed[ctx][li] for ctx in contexts])
             for li, layer in enumerate(layers)
@@ -500,7 +509,8 @@ class AttributionLearner(CounterfactualLearner):
                     self.estimates.record_harm(layer, ctx, e, float(est["harm"][b, li, e]))
             self.table.updates[ci] += 1
             served = est["served"][b] | removed[ctx]
-            plan += [(b, layer, e) for layer, e in self.choose_cells(ctx, served)]
+            chosen = self.choose_cells(ctx, served, decided[ctx])
+            plan += [(b, layer, e) for layer, e in chosen]
         recorded = []
         if plan:
             masks = {layer: masks[layer][[b for b, *_ in plan]].clone() for layer in layers}
