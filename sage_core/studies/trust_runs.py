@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -297,6 +298,7 @@ class Arms:
         s = settings
         self.selectors, self.learners = {}, {}
         self.passes = {arm: {"forward": 0, "backward": 0, "windows": 0} for arm in self.arms}
+        self.seconds = dict.fromkeys(self.arms, 0.0)  # wall time spent training each arm
         self.cursor = dict.fromkeys(self.arms, 0)
         top = {"harm_alpha": s.harm_alpha, "min_ablations": s.min_ablations}
         for arm in self.arms:
@@ -358,7 +360,9 @@ class Arms:
         for arm in self.arms:
             cost = self.step_cost(arm)
             while cost and self.spent(arm) + cost <= budget:
+                start = time.perf_counter()
                 self._step(arm, stream)
+                self.seconds[arm] += time.perf_counter() - start
 
     def _take(self, arm: str, stream: list[Sample], count: int) -> list[Sample]:
         start = self.cursor[arm]
@@ -544,6 +548,8 @@ def run_seed(
                     "forward": passes["forward"],
                     "backward": passes["backward"],
                     "windows": passes["windows"],
+                    # wall time: the one field that varies from run to run
+                    "train_seconds": trained.seconds[paid_by or arm],
                     "perplexity": perplexity(scored, context),
                     "clean_perplexity": perplexity(clean, context),
                 }

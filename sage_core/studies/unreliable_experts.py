@@ -3,8 +3,8 @@ them, what does it exclude, and how often is an exclusion wrong?
 
 Ground truth is made: in every sparse layer, `m` experts drawn among the `pool` most used
 (router usage on the seed's training stream) are broken (`trust_runs.Breakage`: noise of
-the same Frobenius norm, or the sign flipped), for every context or for one context's
-windows only. The arms of `arms_for` learn on the same stream of the broken model to the
+the same Frobenius norm, the sign flipped, or stored at low precision), for every context
+or for one context's windows only. The arms of `arms_for` learn on the same stream of the broken model to the
 same compute budget and are scored on the same held-out windows; the clean model's router
 is the target. Notebook 05 draws the learning curve of the primary scenario; this notebook
 scores one scenario per run (its parameters) and reads the committed sweep over the grid.
@@ -27,12 +27,14 @@ PRIMARY = {"m": 2, "kind": "noise", "contexts": None}
 MIN_DAMAGE = learning_curve.MIN_DAMAGE
 GRID_TABLE = "07_grid"  # tables/07_grid.csv: the sweep over m x kind, every context
 BUDGET_TABLE = "07_budget"  # tables/07_budget.csv: the sweep over num_windows, primary
+LOW_BIT_TABLE = "07_low_bit"  # tables/07_low_bit.csv: 2-bit experts, m = 4 and 8
 
 
 def arms_for(spec: dict) -> tuple[str, ...]:
-    """The router, the oracle reference, the counterfactual arm and the compute-matched
-    learned bias; context-free counterfactual trust as well when one context is broken."""
-    arms = ("router", "oracle", "counterfactual", "learned_bias")
+    """The router, the oracle reference, the counterfactual and attribution arms and the
+    compute-matched learned bias; context-free counterfactual trust as well when one
+    context is broken."""
+    arms = ("router", "oracle", "counterfactual", "attribution", "learned_bias")
     return arms if spec["contexts"] is None else (*arms, "counterfactual_context_free")
 
 
