@@ -27,7 +27,6 @@ PRIMARY = {"m": 2, "kind": "noise", "contexts": None}
 MIN_DAMAGE = learning_curve.MIN_DAMAGE
 GRID_TABLE = "07_grid"  # tables/07_grid.csv: the sweep over m x kind, every context
 BUDGET_TABLE = "07_budget"  # tables/07_budget.csv: the sweep over num_windows, primary
-LOW_BIT_TABLE = "07_low_bit"  # tables/07_low_bit.csv: 2-bit experts, m = 4 and 8
 
 
 def arms_for(spec: dict) -> tuple[str, ...]:
