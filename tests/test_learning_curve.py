@@ -185,25 +185,3 @@ def test_the_committed_curve_records_match_the_notebook_defaults():
         **{k: v for k, v in learning_curve.DEFAULTS.items() if k != "num_seeds"},
     )
     assert stored == json.loads(json.dumps(want))
-
-
-def test_attribution_check_summary_and_cost_by_hand():
-    from sage_core.studies import attribution_check
-
-    cells = [
-        {"seed": 0, "window": 0, "layer": 0, "broken": b, "estimate": est, "truth": true}
-        for b, est, true in (
-            (True, 0.3, 0.2),
-            (True, -0.1, 0.1),
-            (False, 0.2, -0.1),
-            (False, -0.2, -0.3),
-        )
-    ]
-    s = attribution_check.summary(cells)
-    assert s["cells"] == 4 and s["broken_cells"] == 2
-    assert s["sign_right_on_broken"] == 0.5 and s["broken_called_harmful"] == 0.5
-    assert s["broken_share_of_top2"] == 0.5  # top 2 by estimate: 0.3 (broken), 0.2 (healthy)
-    assert s["spearman"] == pytest.approx(0.8)
-    row = attribution_check.cost_row(48, 128, 8, 63)
-    assert row["cells"] == 6144 and row["attribution"] == 3
-    assert row["ablation"] == pytest.approx(6144 * (1 - (1 - 8 / 128) ** 63))

@@ -10,7 +10,23 @@ patching's known failure modes are measured on purpose:
   one moves the residual stream far from where the gradient was taken;
 - slots handed between broken experts: with m = 2 broken in a layer, removing one hands
   its slot (for some tokens) to the other, so the pair's joint effect is not the sum of
-  its single effects; the joint removal is measured directly beside both sums.
+  its single effects; the joint removal is measured directly beside both sums;
+- effects across layers: two broken experts of different layers removed together, whose
+  effects need not add (a later layer can cancel or amplify an earlier one's change).
+
+One more failure is the MoE's own: removing an expert changes the residual stream, which
+can change the top-k choices of every later layer. The gradient cannot see a choice that
+flips. Each cell is therefore also ablated with every later layer's routing frozen to
+its choices in the unablated pass (`FrozenRoutingAblation`: the same experts, their
+weights still recomputed from the live router). The estimate is compared with that
+smooth truth, which splits its error into discrete routing flips and the curvature of
+everything else. The smooth truth is also the most any second-order or
+integrated-gradient correction of the estimate could reach, because such corrections
+are smooth too. Two such corrections are measured (`path_estimates`): the gradient taken
+half-way along each removal (the midpoint rule, exact for a quadratic) and integrated
+gradients with `IG_STEPS`. Each needs a forward and a backward per cell and step, more
+than the one forward of a real ablation, so they show what the first-order error costs
+in ranking, not a cheaper estimator.
 """
 
 from __future__ import annotations
@@ -26,6 +42,7 @@ from sage_core.corpus import load_corpus
 from sage_core.studies import trust_runs
 from sage_core.studies.experiments import make_samples
 from sage_core.trust import AblationSelector, attribution_estimates, continuation_nll
+from sage_core.trust.learners import AttributionSelector, _expert_outputs, removal_changes
 
 LARGE_OUTPUT_SCALE = 8.0
 
@@ -48,13 +65,140 @@ def _ablated_nll(model, ids: torch.Tensor, removals: list[dict]) -> torch.Tensor
         model.set_selector(None)
 
 
+class FrozenRoutingAblation:
+    """Row r of the batch removes expert `plan[r][1]` at layer `plan[r][0]` (its slot to
+    the token's next choice), with every layer routed to the experts `candidates`
+    ({layer: (S, k + 1)}, one unablated window's top-k and next choice) chose, whatever
+    the ablation does to later layers' inputs; the weights are recomputed from the live
+    router probabilities over those experts, as the router does."""
+
+    def __init__(self, candidates: dict, plan: list, top_k: int, norm_topk_prob: bool):
+        self.candidates, self.plan = candidates, plan
+        self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
+
+    def __call__(self, router_logits, layer_idx, hidden_states):
+        rows, k = len(self.plan), self.top_k
+        probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)  # (R * S, E)
+        chosen = self.candidates[layer_idx]  # (S, k + 1)
+        S = chosen.shape[0]
+        indices = chosen[:, :k].repeat(rows, 1).reshape(rows, S, k).clone()
+        for r, (layer, e) in enumerate(self.plan):
+            if layer == layer_idx:
+                removed = indices[r] == e  # (S, k)
+                indices[r][removed] = chosen[:, k:].expand(-1, k)[removed]
+        indices = indices.reshape(rows * S, k)
+        weights = probs.gather(1, indices)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(1, keepdim=True)
+        return indices, weights.to(hidden_states.dtype)
+
+
+def _frozen_routing_nll(model, ids: torch.Tensor, candidates: dict, cells: list) -> torch.Tensor:
+    """(R,) mean NLL of the (1, S) window with each (layer, expert) of `cells` removed
+    under `FrozenRoutingAblation`, in one batched forward."""
+    c = model.config
+    model.set_selector(
+        FrozenRoutingAblation(candidates, cells, c.num_experts_per_tok, c.norm_topk_prob)
+    )
+    try:
+        with torch.no_grad():
+            return continuation_nll(model, ids.expand(len(cells), -1), 1).mean(1).double()
+    finally:
+        model.set_selector(None)
+
+
+def path_estimates(model, ids: torch.Tensor, cells: list, alphas) -> torch.Tensor:
+    """(R,) estimated harm of removing each (layer, expert) of `cells` from the (1, S)
+    window, as the mean over `alphas` of the gradient taken part-way along the removal:
+    with the cell's exact change (`removal_changes`) added alpha times to its layer's
+    output, routing frozen (`FrozenRoutingAblation`), the gradient of the window's mean
+    NLL at that layer's output . change, summed over tokens. alphas (0,) is the
+    first-order estimate; (0.5,) the midpoint rule (exact for a quadratic); more points
+    are integrated gradients. One forward and one backward of R rows per alpha."""
+    c, blocks = model.config, model.sparse_blocks()
+    layers, k = sorted(blocks), c.num_experts_per_tok
+    recorder = AttributionSelector(k, c.norm_topk_prob, {}, 1)
+    model.set_selector(recorder)
+    try:
+        with torch.no_grad():
+            continuation_nll(model, ids, 1)
+    finally:
+        model.set_selector(None)
+    R, S = len(cells), ids.shape[1]
+    candidates = {layer: recorder.records[layer][2] for layer in layers}
+    added = {}  # layer -> (R, S, H): row r's cell's change, zero in other layers' rows
+    with torch.no_grad():
+        for layer in layers:
+            x, probs, cand = recorder.records[layer]
+            fx = _expert_outputs(x, cand, blocks[layer].experts)
+            change = removal_changes(probs, cand, fx, c.norm_topk_prob)  # (S, k, H)
+            rows = torch.zeros(R, S, change.shape[-1], dtype=change.dtype)
+            for r, (cell_layer, e) in enumerate(cells):
+                if cell_layer == layer:
+                    rows[r] = (change * (cand[:, :k] == e)[..., None]).sum(1)
+            added[layer] = rows
+    harm = torch.zeros(R, dtype=torch.float64)
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    for alpha in alphas:
+        outputs = {}
+
+        def shifted(module, args, out, layer, alpha=alpha, outputs=outputs):
+            hidden = out[0] + alpha * added[layer].reshape(out[0].shape).to(out[0].dtype)
+            outputs[layer] = hidden
+            return (hidden, *out[1:])
+
+        hooks = [
+            blocks[layer].register_forward_hook(
+                lambda m, a, out, layer=layer: shifted(m, a, out, layer)
+            )
+            for layer in layers
+        ]
+        hooks.append(
+            model.model.embed_tokens.register_forward_hook(
+                lambda m, a, out: out.requires_grad_(True)
+            )
+        )
+        model.set_selector(
+            FrozenRoutingAblation(candidates, [(None, None)] * R, k, c.norm_topk_prob)
+        )
+        try:
+            for p, _ in frozen:
+                p.requires_grad_(False)
+            with torch.enable_grad():
+                nll = continuation_nll(model, ids.expand(R, -1), 1).mean(1)  # (R,)
+                grads = torch.autograd.grad(nll.sum(), [outputs[layer] for layer in layers])
+        finally:
+            model.set_selector(None)
+            for h in hooks:
+                h.remove()
+            for p, flag in frozen:
+                p.requires_grad_(flag)
+        for layer, grad in zip(layers, grads, strict=True):
+            effect = (grad.reshape(R, S, -1)[:, : S - 1] * added[layer][:, : S - 1]).sum((1, 2))
+            harm -= effect.detach().double() / len(alphas)  # harm: NLL with minus without
+    return harm
+
+
+IG_STEPS = (0.125, 0.375, 0.625, 0.875)  # integrated gradients, midpoint rule, 4 steps
+
+
 def check_seed(
-    model, tokenizer, seed: int, windows: int = 4, scale: float = 1.0, spec=None, corpus=None
+    model,
+    tokenizer,
+    seed: int,
+    windows: int = 4,
+    scale: float = 1.0,
+    spec=None,
+    corpus=None,
+    path_corrections: bool = False,
 ):
     """(cells, pairs) for one seed: one row per (window, served cell) with the estimate,
-    the directly measured harm and whether the cell is broken; one row per (window,
-    layer) whose two broken experts both served, with the pair's joint harm measured
-    directly, the sum of their measured single harms and the sum of their estimates."""
+    the directly measured harm ("truth"), the harm with later layers' routing frozen
+    ("truth_frozen_routing"), whether the cell is broken and, with `path_corrections`,
+    the midpoint and integrated-gradient estimates (`path_estimates`); one row per pair of broken
+    cells that both served a window, in one layer or in two ("same_layer"), with the
+    pair's joint harm measured directly, the sum of their measured single harms and the
+    sum of their estimates."""
     spec = spec or {"m": 2, "pool": 8, "kind": "noise", "contexts": None}
     corpus = corpus or load_corpus()
     stream = make_samples(
@@ -73,16 +217,24 @@ def check_seed(
         with breakage.active(window.context):
             est = attribution_estimates(model, ids, {})
             served = [(layers[li], e) for li, e in est["served"][0].nonzero().tolist()]
-            joint = [
-                (layer, chosen[layer])
-                for layer in layers
-                if all((layer, e) in served for e in chosen[layer]) and len(chosen[layer]) == 2
+            broken = [(layer, e) for layer, e in served if e in chosen[layer]]
+            joint = [(a, b) for i, a in enumerate(broken) for b in broken[i + 1 :]]
+            removals = [{layer: [e]} for layer, e in served] + [
+                {a[0]: [a[1]], b[0]: [b[1]]} if a[0] != b[0] else {a[0]: [a[1], b[1]]}
+                for a, b in joint
             ]
-            removals = [{layer: [e]} for layer, e in served] + [{layer: es} for layer, es in joint]
             nll = _ablated_nll(model, ids, removals)
+            frozen = _frozen_routing_nll(model, ids, est["candidates"], served)
+            corrected = {
+                name: path_estimates(model, ids, served, alphas).tolist()
+                for name, alphas in (("estimate_midpoint", (0.5,)), ("estimate_ig", IG_STEPS))
+                if path_corrections
+            }
         base = float(est["nll"][0])
         single = {}
-        for (layer, e), value in zip(served, nll[: len(served)].tolist(), strict=True):
+        for i, ((layer, e), value, value_frozen) in enumerate(
+            zip(served, nll[: len(served)].tolist(), frozen.tolist(), strict=True)
+        ):
             li = layers.index(layer)
             single[(layer, e)] = base - value
             cells.append(
@@ -95,30 +247,47 @@ def check_seed(
                     "broken": e in chosen[layer],
                     "estimate": float(est["harm"][0, li, e]),
                     "truth": base - value,
+                    "truth_frozen_routing": base - value_frozen,
+                    **{name: values[i] for name, values in corrected.items()},
                 }
             )
-        for (layer, es), value in zip(joint, nll[len(served) :].tolist(), strict=True):
-            li = layers.index(layer)
+        for (a, b), value in zip(joint, nll[len(served) :].tolist(), strict=True):
             pairs.append(
                 {
                     "seed": seed,
                     "window": w,
-                    "layer": layer,
+                    "cells": [list(a), list(b)],
+                    "same_layer": a[0] == b[0],
                     "joint_truth": base - value,
-                    "sum_of_single_truths": sum(single[(layer, e)] for e in es),
-                    "sum_of_estimates": float(sum(est["harm"][0, li, e] for e in es)),
+                    "sum_of_single_truths": single[a] + single[b],
+                    "sum_of_estimates": sum(
+                        float(est["harm"][0, layers.index(layer), e]) for layer, e in (a, b)
+                    ),
                 }
             )
     return cells, pairs
 
 
+def _agreement(estimate, truth, broken):
+    """(name, value) pairs: Spearman with the truth, sign right on the broken cells."""
+    yield "spearman", float(scipy.stats.spearmanr(estimate, truth).statistic)
+    yield (
+        "sign_right_on_broken",
+        float(np.mean(np.sign(estimate[broken]) == np.sign(truth[broken]))),
+    )
+
+
 def summary(cells: list[dict]) -> dict:
-    """Spearman correlation of estimate and truth over every (window, cell) pair; on the
-    broken cells, the share whose estimate has the truth's sign, and the share the
-    estimate calls harmful (> 0); the share of broken cells among the top 2 of each
-    (window, layer) by the estimate."""
+    """Spearman correlation of estimate and truth over every (window, cell) pair, and of
+    the estimate and of the truth with the frozen-routing truth; on the broken cells, the
+    share whose estimate has the truth's sign (and the frozen-routing truth's), and the
+    share the estimate calls harmful (> 0); the share of broken cells among the top 2 of
+    each (window, layer) by the estimate. Where the cells carry the path-corrected
+    estimates (`path_estimates`: "estimate_midpoint", "estimate_ig"), their Spearman
+    correlation and sign agreement with the truth too."""
     est = np.array([c["estimate"] for c in cells])
     true = np.array([c["truth"] for c in cells])
+    smooth = np.array([c["truth_frozen_routing"] for c in cells])
     broken = np.array([c["broken"] for c in cells])
     groups: dict = {}
     for c in cells:
@@ -129,8 +298,19 @@ def summary(cells: list[dict]) -> dict:
     return {
         "cells": len(cells),
         "spearman": float(scipy.stats.spearmanr(est, true).statistic),
+        "spearman_vs_frozen_routing": float(scipy.stats.spearmanr(est, smooth).statistic),
+        "spearman_frozen_routing_vs_truth": float(scipy.stats.spearmanr(smooth, true).statistic),
         "broken_cells": int(broken.sum()),
         "sign_right_on_broken": float(np.mean(np.sign(est[broken]) == np.sign(true[broken]))),
+        "sign_right_on_broken_vs_frozen_routing": float(
+            np.mean(np.sign(est[broken]) == np.sign(smooth[broken]))
+        ),
+        **{
+            f"{name}_{what}": value
+            for name in ("estimate_midpoint", "estimate_ig")
+            if all(name in c for c in cells)
+            for what, value in _agreement(np.array([c[name] for c in cells]), true, broken)
+        },
         "broken_called_harmful": float(np.mean(est[broken] > 0)),
         "broken_truly_harmful": float(np.mean(true[broken] > 0)),
         "broken_share_of_top2": float(np.mean(top)),
@@ -144,58 +324,73 @@ def run(model, tokenizer, seeds, windows: int = 4, corpus=None) -> dict:
     for name, scale in (("normal", 1.0), ("large", LARGE_OUTPUT_SCALE)):
         cells, pairs = [], []
         for seed in seeds:
-            c, p = check_seed(model, tokenizer, seed, windows, scale, corpus=corpus)
+            c, p = check_seed(
+                model, tokenizer, seed, windows, scale, corpus=corpus, path_corrections=True
+            )
             cells += c
             pairs += p
         out[name] = (cells, pairs)
     return out
 
 
+def _scatter_cells(ax, cells: list[dict], truth: str, title: str) -> None:
+    for broken, color, label in ((False, "0.6", "healthy"), (True, "C3", "broken")):
+        chosen = [c for c in cells if c["broken"] == broken]
+        ax.scatter(
+            [c[truth] for c in chosen],
+            [c["estimate"] for c in chosen],
+            s=8,
+            c=color,
+            label=label,
+            alpha=0.7,
+        )
+    lim = max(abs(v) for c in cells for v in (c[truth], c["estimate"]))
+    ax.plot([-lim, lim], [-lim, lim], "k:", lw=0.8)
+    ax.axhline(0, color="k", lw=0.4)
+    ax.axvline(0, color="k", lw=0.4)
+    est = [c["estimate"] for c in cells]
+    rho = scipy.stats.spearmanr(est, [c[truth] for c in cells]).statistic
+    ax.set_title(f"{title}: Spearman {rho:.2f}", fontsize=10)
+    ax.set_ylabel("attribution estimate")
+    ax.legend(fontsize=8)
+
+
 def plot(result: dict):
+    """2 x 2: the estimate against the measured harm (usual and large outputs), against
+    the harm with later layers' routing frozen, and pairs of broken cells removed together
+    against the sums of their single ablations and of their estimates."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4.0))
-    for ax, name in zip(axes[:2], ("normal", "large"), strict=True):
-        cells = result[name][0]
-        for broken, color, label in ((False, "0.6", "healthy"), (True, "C3", "broken")):
-            chosen = [c for c in cells if c["broken"] == broken]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8.5))
+    normal, large = result["normal"][0], result["large"][0]
+    _scatter_cells(axes[0, 0], normal, "truth", "usual outputs")
+    axes[0, 0].set_xlabel("harm measured by ablation (nats/token)")
+    _scatter_cells(axes[0, 1], large, "truth", f"outputs x{LARGE_OUTPUT_SCALE:g}")
+    axes[0, 1].set_xlabel("harm measured by ablation (nats/token)")
+    _scatter_cells(axes[1, 0], normal, "truth_frozen_routing", "usual outputs, routing frozen")
+    axes[1, 0].set_xlabel("harm measured with later layers' routing frozen (nats/token)")
+    ax, pairs = axes[1, 1], result["normal"][1]
+    for same, marker, where in ((True, "o", "one layer"), (False, "^", "two layers")):
+        chosen = [p for p in pairs if p["same_layer"] == same]
+        for key, color, what in (
+            ("sum_of_single_truths", "C0", "sum of single ablations"),
+            ("sum_of_estimates", "C1", "sum of estimates"),
+        ):
             ax.scatter(
-                [c["truth"] for c in chosen],
-                [c["estimate"] for c in chosen],
-                s=8,
+                [p["joint_truth"] for p in chosen],
+                [p[key] for p in chosen],
+                s=12,
+                marker=marker,
                 c=color,
-                label=label,
                 alpha=0.7,
+                label=f"{what}, {where}",
             )
-        lim = max(abs(v) for c in cells for v in (c["truth"], c["estimate"]))
-        ax.plot([-lim, lim], [-lim, lim], "k:", lw=0.8)
-        ax.axhline(0, color="k", lw=0.4)
-        ax.axvline(0, color="k", lw=0.4)
-        s = summary(cells)
-        ax.set_title(f"{name} outputs: Spearman {s['spearman']:.2f}", fontsize=10)
-        ax.set_xlabel("harm measured by ablation (nats/token)")
-        ax.set_ylabel("attribution estimate")
-        ax.legend(fontsize=8)
-    pairs = result["normal"][1]
-    ax = axes[2]
-    ax.scatter(
-        [p["joint_truth"] for p in pairs],
-        [p["sum_of_single_truths"] for p in pairs],
-        s=10,
-        label="sum of single ablations",
-    )
-    ax.scatter(
-        [p["joint_truth"] for p in pairs],
-        [p["sum_of_estimates"] for p in pairs],
-        s=10,
-        label="sum of estimates",
-    )
     if pairs:
         lim = max(abs(v) for p in pairs for v in p.values() if isinstance(v, float))
         ax.plot([-lim, lim], [-lim, lim], "k:", lw=0.8)
-    ax.set_title("two broken experts of one layer removed together", fontsize=10)
+    ax.set_title("two broken experts removed together", fontsize=10)
     ax.set_xlabel("joint harm measured (nats/token)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 

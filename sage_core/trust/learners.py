@@ -376,8 +376,8 @@ def attribution_estimates(model, ids: torch.Tensor, masks: dict) -> dict:
     2023) with the patch computed exactly inside the layer, linearised only downstream.
 
     Returns {"harm": (B, L, E) estimated harm (NLL with the expert minus without; 0 where
-    it served nothing), "served": (B, L, E) bool, "nll": (B,) base mean NLL}, layers in
-    sorted order."""
+    it served nothing), "served": (B, L, E) bool, "nll": (B,) base mean NLL, "candidates":
+    {layer: (B * S, k + 1) each token's top-k and next choice}}, layers in sorted order."""
     device = model.model.embed_tokens.weight.device
     ids = ids.to(device)
     B, S = ids.shape
@@ -425,7 +425,12 @@ def attribution_estimates(model, ids: torch.Tensor, masks: dict) -> dict:
             for b in range(B):
                 harm[b, li].index_add_(0, chosen[b].reshape(-1).cpu(), -effect[b].reshape(-1).cpu())
                 served[b, li, chosen[b].reshape(-1).cpu()] = True
-    return {"harm": harm, "served": served, "nll": window_nll.detach().double().cpu()}
+    return {
+        "harm": harm,
+        "served": served,
+        "nll": window_nll.detach().double().cpu(),
+        "candidates": {layer: selector.records[layer][2] for layer in layers},
+    }
 
 
 class AttributionLearner(CounterfactualLearner):
