@@ -375,11 +375,14 @@ def decode_like(rng, tokens, num_layers=3, experts=5, k=2):
     return keys
 
 
-def small_predictor(seed=0):
+def small_predictor(seed=0, kind="linear"):
     rng = np.random.default_rng(seed)
     keys = decode_like(rng, 60)
-    x, y = reuse.training_rows(as_array(keys), LAYERS, 5, cap=8.0)
-    return reuse.ReusePredictor.fit(x, y, 3, 5, 8.0)
+    experts = as_array(keys)[:, 1].reshape(60, 3, 2)
+    table = reuse.cooccurrence_table([experts], 5)
+    x, y = reuse.training_rows(as_array(keys), LAYERS, 5, cap=8.0, table=table)
+    trees = {"n_estimators": 8, "max_depth": 3}
+    return reuse.ReusePredictor.fit(x, y, 3, 5, 8.0, table=table, kind=kind, trees=trees)
 
 
 def test_layer_aware_evicts_the_layer_needed_last_within_a_step():
@@ -410,10 +413,15 @@ def test_new_policies_never_beat_belady_and_hold_their_capacity(seed, capacity):
         assert len(policy.keys()) <= capacity
 
 
-@pytest.mark.parametrize("name", ["layer_aware", "learned"])
+@pytest.mark.parametrize("name", ["layer_aware", "learned", "learned_trees", "learned_protect"])
 def test_expert_cache_runs_the_new_policies_hit_for_hit(name):
     keys = decode_like(np.random.default_rng(3), 80)
-    options = {"predictor": small_predictor()} if name == "learned" else {}
+    options = {}
+    if name.startswith("learned"):
+        kind = "trees" if name == "learned_trees" else "linear"
+        options["predictor"] = small_predictor(kind=kind)
+        options["protect"] = 1 if name == "learned_protect" else 0
+        name = "learned"
     sim = cp.simulate(as_array(keys), cp.make_policy(name, 6, layers=LAYERS, **options))
     cache = ExpertCache(6, policy=name, layers=LAYERS, **options)
     hits = []
@@ -435,6 +443,7 @@ def test_training_labels_are_the_steps_to_the_next_use():
     # time 1: (0,0) -> 1.5, capped; time 2: (0,0) -> 1, (1,0) -> 0.5; time 3: (0,0) -> 0.5,
     # (0,1) never again -> cap, (1,0) -> 0; time 4: (0,0) -> 0, the rest unknown.
     assert x.shape == (7, len(reuse.FEATURES) + 2)
+    assert np.all(x[:, reuse.MARKOV_1 :].sum(1) >= 0)
     assert np.allclose(steps, [1, 1, 0.5, 0.5, 1, 0, 0])
 
 
@@ -457,16 +466,107 @@ def test_the_committed_predictor_loads_and_says_what_it_was_fitted_on():
     predictor = reuse.default_predictor()
     assert predictor.info["text"].startswith("training split")
     assert predictor.num_layers == 4 and predictor.num_experts == 32
+    # The kind was chosen on tuning windows of training text, and it is the better one there.
+    tuning = predictor.info["tuning"]["mean_hit_rate"]
+    assert predictor.kind == predictor.info["chosen_kind"] == max(tuning, key=tuning.get)
+    assert predictor.info["tuning"]["seed"] != predictor.info["seed"]
 
 
-def test_learned_policy_evicts_the_key_predicted_to_be_needed_last():
-    # Each token uses expert t % 5 in both of 2 layers, with room for 8 of the 10 keys: LRU
-    # misses every request, Belady about one in four. Reuse distance grows with recency
-    # here, so a predictor fitted on the loop must evict recently used keys and hit most.
-    keys = [(layer, t % 5) for t in range(150) for layer in (0, 1)]
-    x, y = reuse.training_rows(as_array(keys), [0, 1], 5, cap=8.0)
-    predictor = reuse.ReusePredictor.fit(x, y, 2, 5, 8.0)
-    policy = cp.make_policy("learned", 8, layers=[0, 1], predictor=predictor)
-    learned = cp.simulate(as_array(keys), policy)
-    assert cp.simulate(as_array(keys), cp.make_policy("lru", 8)).hit_rate == 0
-    assert learned.hit_rate > 0.6
+def test_cooccurrence_table_counts_what_follows_within_each_horizon():
+    # One layer, 3 experts, k = 1: tokens use 0, 1, 2, 0, 1 (expert by token).
+    experts = np.array([0, 1, 2, 0, 1]).reshape(5, 1, 1)
+    table = reuse.cooccurrence_table([experts], 3, horizons=(1, 2), prior=0.0)
+    # Next token after 0 (tokens 0 and 3): 1 both times. Within 2 tokens only tokens with
+    # 2 tokens after them count: token 0, followed by {1, 2}.
+    assert np.allclose(table[0, 0, 0], [0, 1, 0])
+    assert np.allclose(table[1, 0, 0], [0, 1, 1])
+    # After 2 (token 2): next is 0; within 2: 0 and 1.
+    assert np.allclose(table[0, 0, 2], [1, 0, 0]) and np.allclose(table[1, 0, 2], [1, 1, 0])
+    # With a prior, rows shrink towards the base rate and stay probabilities.
+    smoothed = reuse.cooccurrence_table([experts], 3, horizons=(1, 2), prior=1.0)
+    assert np.all((smoothed >= 0) & (smoothed <= 1))
+    assert 0 < smoothed[0, 0, 0, 0] < smoothed[0, 0, 0, 1] < 1
+
+
+def test_markov_feature_reads_the_latest_finished_call_of_each_layer():
+    # 2 layers, 3 experts; the table says: after expert a, expert (a + 1) % 3 comes next.
+    table = np.zeros((len(reuse.MARKOV_HORIZONS), 2, 3, 3))
+    for a in range(3):
+        table[:, :, a, (a + 1) % 3] = 1.0
+    state = reuse.FeatureState([0, 1], 3, table)
+    for key in [(0, 0), (1, 2)]:  # token 0
+        state.clock.advance(key)
+        state.use(key)
+    state.clock.advance((0, 1))  # token 1, layer 0's call begins
+    state.use((0, 1))
+    markov = state.markov()[0].reshape(2, 3)
+    # Layer 0's call is in progress: its finished call is token 0's (expert 0 -> 1 next).
+    assert np.allclose(markov[0], [0, 1, 0])
+    # Layer 1's latest call is token 0's (expert 2 -> 0 next).
+    assert np.allclose(markov[1], [1, 0, 0])
+    column = reuse.FEATURES.index("markov_1tok")
+    rows = state.features(np.array([1, 3]))  # codes of (0, 1) and (1, 0)
+    assert np.allclose(rows[:, column], [1, 1])
+
+
+def test_tree_predictor_is_sklearns_model_and_round_trips(tmp_path):
+    from sklearn.ensemble import GradientBoostingRegressor
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(400, len(reuse.FEATURES) + 2))
+    y = np.where(x[:, 0] > 0.3, 2.0, 0.5) + 0.5 * (x[:, 1] > -0.2) + 0.1 * rng.normal(size=400)
+    trees = {"n_estimators": 5, "max_depth": 3}
+    predictor = reuse.ReusePredictor.fit(x, y, 2, 3, 8.0, kind="trees", trees=trees)
+    settings_ = {"learning_rate": 0.1, "subsample": 0.5, "random_state": 0, **trees}
+    model = GradientBoostingRegressor(init="zero", **settings_).fit(x, y - y.mean())
+    probe = rng.normal(size=(50, x.shape[1]))
+    assert np.allclose(predictor.predict(probe), model.predict(probe) + y.mean(), atol=1e-9)
+    again = reuse.ReusePredictor.load(predictor.save(tmp_path / "t.json"))
+    assert again.kind == "trees"
+    assert np.array_equal(again.predict(probe), predictor.predict(probe))
+    assert np.array_equal(again.table, predictor.table)
+
+
+def test_protected_experts_are_not_evicted_while_another_choice_exists():
+    # One layer, 4 experts; the table rates expert 3 as next after anything, the model
+    # predicts the same distance for every key, so without protection the least recent goes.
+    table = np.full((len(reuse.MARKOV_HORIZONS), 1, 4, 4), 0.1)
+    table[:, :, :, 3] = 0.9
+    linear = {
+        "coef": np.zeros(len(reuse.FEATURES) + 1),
+        "intercept": 1.0,
+        "mean": np.zeros(len(reuse.FEATURES) + 1),
+        "scale": np.ones(len(reuse.FEATURES) + 1),
+    }
+    predictor = reuse.ReusePredictor(1, 4, 8.0, table=table, linear=linear)
+    keys = [(0, 3), (0, 0), (0, 1)]  # capacity 2: at (0, 1) evict (0, 3) or (0, 0)
+    plain = cp.make_policy("learned", 2, layers=[0], predictor=predictor)
+    cp.simulate(as_array(keys), plain)
+    assert sorted(plain.keys()) == [(0, 0), (0, 1)]  # least recent (0, 3) went
+    protected = cp.make_policy("learned", 2, layers=[0], predictor=predictor, protect=1)
+    cp.simulate(as_array(keys), protected)
+    assert sorted(protected.keys()) == [(0, 1), (0, 3)]  # (0, 3) kept: predicted next
+
+
+def test_a_prefetch_never_evicts_a_protected_expert():
+    # 2 layers, 4 experts, capacity 2; the table rates expert 3 next in both layers and the
+    # model predicts the same distance for every key. Token 0 uses (0, 3) and (1, 3); before
+    # token 1, (0, 1) is to be read ahead: the cache is full of the protected experts.
+    table = np.full((len(reuse.MARKOV_HORIZONS), 2, 4, 4), 0.1)
+    table[:, :, :, 3] = 0.9
+    width = len(reuse.FEATURES) + 2
+    linear = {
+        "coef": np.zeros(width),
+        "intercept": 1.0,
+        "mean": np.zeros(width),
+        "scale": np.ones(width),
+    }
+    predictor = reuse.ReusePredictor(2, 4, 8.0, table=table, linear=linear)
+    keys = as_array([(0, 3), (1, 3), (0, 0)])
+    policy = cp.make_policy("learned", 2, layers=[0, 1], predictor=predictor, protect=1)
+    sim = cp.simulate(keys, policy, prefetch={2: [(0, 1)]})
+    assert sim.prefetched == 0 and (0, 1) not in policy.keys()
+    # Unprotected, the same read-ahead goes ahead: it evicts a key predicted no sooner.
+    policy = cp.make_policy("learned", 2, layers=[0, 1], predictor=predictor, protect=0)
+    sim = cp.simulate(keys, policy, prefetch={2: [(0, 1)]})
+    assert sim.prefetched == 1 and (0, 1) in policy.keys()

@@ -269,7 +269,9 @@ def simulate(keys, policy, prefetch=None) -> Simulation:
     expert) accesses, admitting every miss (demand paging).
 
     prefetch: optional {access index: [(layer, expert), ...]} read ahead just before that
-    access; a read-ahead of a resident key does nothing.
+    access; a read-ahead of a resident key does nothing. A policy with `admits_prefetch`
+    (the learned one) may refuse a read-ahead (not read, not counted), and one with
+    `admit_prefetch` is told of a read-ahead apart from a use.
     """
     keys = _as_keys(keys)
     resident: set = set()
@@ -277,21 +279,23 @@ def simulate(keys, policy, prefetch=None) -> Simulation:
     hits = np.zeros(len(keys), dtype=bool)
     counts = {"prefetched": 0, "prefetch_used": 0, "wasted": 0, "left_unused": 0}
 
-    def admit(key):
+    admits = getattr(policy, "admits_prefetch", lambda key: True)
+
+    def admit(key, ahead=False):
         while (victim := policy.victim(key)) is not None:
             policy.forget(victim)
             resident.discard(victim)
             if victim in unused_prefetch:
                 unused_prefetch.discard(victim)
                 counts["wasted"] += 1
-        policy.admit(key)
+        getattr(policy, "admit_prefetch", policy.admit)(key) if ahead else policy.admit(key)
         resident.add(key)
 
     for i, key in enumerate(keys):
         for ahead in (prefetch or {}).get(i, ()):
             ahead = tuple(int(v) for v in ahead)
-            if ahead not in resident:
-                admit(ahead)
+            if ahead not in resident and admits(ahead):
+                admit(ahead, ahead=True)
                 unused_prefetch.add(ahead)
                 counts["prefetched"] += 1
         if key in resident:

@@ -25,9 +25,18 @@ the policy did. The training data are exact for any policy, with no DAgger round
 ranking keys by the true distance *is* Belady's decision: a regression that ranks well
 imitates Belady directly.
 
-The predictor is a linear model on a fixed basis of features (`FEATURES`), small enough to
-score every resident key once per layer call in a few numpy operations; it is persisted as
-versioned JSON (`ReusePredictor.save`, atomic write), never pickled.
+Besides the key's own history, the features carry what the *other* experts say: a
+co-occurrence (first-order Markov) table counted on routing traces of training text,
+`table[h, l, a, e]` = P(expert e of layer l is used within the next h tokens | expert a of
+layer l is used now), averaged over the experts layer l used in its latest call
+(`cooccurrence_table`; `MARKOV_HORIZONS`). The table is part of the predictor.
+
+The predictor's model is either linear on the features or an ensemble of gradient-boosted
+regression trees (`TreeEnsemble`: sklearn's `GradientBoostingRegressor`, exported as padded
+complete trees and evaluated level by level in numpy, all trees and keys at once). Both
+score every resident key once per layer call with a fixed number of numpy operations (no
+Python loop over keys); both are persisted as versioned JSON (`ReusePredictor.save`,
+atomic write), never pickled.
 """
 
 from __future__ import annotations
@@ -42,8 +51,10 @@ from sage_core.atomic import atomic_write_text
 
 DEFAULT_PREDICTOR = Path(__file__).with_name("predictors") / "q3omni_tiny.json"
 PREDICTOR_FORMAT = "sage-reuse-predictor"
-PREDICTOR_VERSION = 1
+PREDICTOR_VERSION = 2
 HALF_LIVES = (0.5, 2.0, 8.0)  # steps, of the decayed use counts
+MARKOV_HORIZONS = (1, 2, 4, 8)  # tokens, of the co-occurrence table
+MODEL_KINDS = ("linear", "trees")
 
 # The basis of the linear model; per-layer indicators are added for each layer position.
 FEATURES = (
@@ -55,7 +66,9 @@ FEATURES = (
     "use_rate",  # uses per step since the clock started
     "used_last_step",
     "recency_x_decayed",
+    *(f"markov_{h}tok" for h in MARKOV_HORIZONS),  # P(used within h tokens | layer's set)
 )
+MARKOV_1 = FEATURES.index("markov_1tok")
 
 
 def layer_positions(layers) -> dict[int, int]:
@@ -63,6 +76,39 @@ def layer_positions(layers) -> dict[int, int]:
     if not layers:
         raise ValueError("a layer-aware policy needs the model's sparse layers (layers=...)")
     return {layer: i for i, layer in enumerate(layers)}
+
+
+def cooccurrence_table(
+    expert_arrays, num_experts: int, horizons=MARKOV_HORIZONS, prior: float = 1.0
+) -> np.ndarray:
+    """(H, L, E, E) table[h, l, a, e] = P(e is used at layer l in one of the next
+    `horizons[h]` tokens | a is used at layer l now), counted over the (N, L, k) expert
+    arrays of routing traces (`RoutingTrace.experts`, tokens in order), smoothed towards
+    the base rate of e with `prior` pseudo-counts."""
+    arrays = [np.asarray(a, dtype=np.int64) for a in expert_arrays]
+    if not arrays:
+        raise ValueError("cooccurrence_table needs at least one trace")
+    num_layers = arrays[0].shape[1]
+    shape = (len(horizons), num_layers, num_experts)
+    joint = np.zeros((*shape, num_experts))
+    base, now, rows = np.zeros(shape), np.zeros(shape), np.zeros(len(horizons))
+    for experts in arrays:
+        n = experts.shape[0]
+        used = np.zeros((n, num_layers, num_experts))
+        np.put_along_axis(used, experts, 1.0, axis=2)
+        for i, h in enumerate(horizons):
+            m = n - h
+            if m <= 0:
+                continue
+            future = np.zeros((m, num_layers, num_experts))
+            for d in range(1, h + 1):
+                np.maximum(future, used[d : d + m], out=future)
+            joint[i] += np.einsum("nla,nle->lae", used[:m], future)
+            now[i] += used[:m].sum(0)
+            base[i] += future.sum(0)
+            rows[i] += m
+    rate = base / np.maximum(rows, 1)[:, None, None]  # P(e used within h tokens)
+    return (joint + prior * rate[:, :, None, :]) / (now[..., None] + prior)
 
 
 class StepClock:
@@ -106,10 +152,19 @@ class StepClock:
 class FeatureState:
     """Every key's access history as the few numbers the features need; cache-independent."""
 
-    def __init__(self, layers, num_experts: int):
+    def __init__(self, layers, num_experts: int, table=None):
         self.clock = StepClock(layers)
         self.num_experts = int(num_experts)
-        size = self.clock.num_layers * self.num_experts
+        num_layers = self.clock.num_layers
+        size = num_layers * self.num_experts
+        shape = (len(MARKOV_HORIZONS), num_layers, self.num_experts, self.num_experts)
+        self.table = np.zeros(shape) if table is None else np.asarray(table, dtype=np.float64)
+        if self.table.shape != shape:
+            raise ValueError(f"co-occurrence table {self.table.shape}, expected {shape}")
+        # Each layer's experts in its latest call (`now`) and the call before (`before`).
+        self.now = np.zeros((num_layers, self.num_experts))
+        self.before = np.zeros((num_layers, self.num_experts))
+        self.now_call = np.full(num_layers, -1, dtype=np.int64)
         self.last = np.full(size, -(10**9), dtype=np.int64)  # time of last use
         self.last_step = np.full(size, -(10**9), dtype=np.int64)
         self.count = np.zeros(size, dtype=np.float64)
@@ -133,7 +188,21 @@ class FeatureState:
         self.last[c] = now
         self.last_step[c] = self.clock.step
         self.call_of_use[c] = self.clock.call
+        q, e = divmod(c, self.num_experts)
+        if self.now_call[q] != self.clock.call:
+            self.before[q] = self.now[q]
+            self.now[q] = 0.0
+            self.now_call[q] = self.clock.call
+        self.now[q, e] = 1.0
         return c
+
+    def markov(self) -> np.ndarray:
+        """(H, L * E) co-occurrence scores of every key: the table averaged over the experts
+        of the key's layer's latest *finished* call (the one in progress is not complete)."""
+        current = (self.now_call == self.clock.call)[:, None]
+        used = np.where(current, self.before, self.now)
+        weights = used / np.maximum(used.sum(1, keepdims=True), 1.0)
+        return np.einsum("la,hlae->hle", weights, self.table).reshape(len(self.table), -1)
 
     def features(self, codes) -> np.ndarray:
         """(n, F + L) feature rows of `codes` at the present time (see FEATURES)."""
@@ -155,45 +224,153 @@ class FeatureState:
             rate,
             (self.last_step[codes] >= self.clock.step - 1).astype(np.float64),
             log_since * np.log1p(decayed[1]),
+            *self.markov()[:, codes],
         ]
         onehot = (q[:, None] == np.arange(num_layers)[None, :]).astype(np.float64)
         return np.column_stack([*cols, onehot])
 
 
+class TreeEnsemble:
+    """Gradient-boosted regression trees as padded complete trees of one depth.
+
+    `feature[t, i]` / `threshold[t, i]` (internal nodes in breadth-first order, node i's
+    children 2i+1 and 2i+2) and `leaf[t, j]` (the learning rate folded in); a row goes
+    right where its feature, as float32, is above the threshold (sklearn's rule). A leaf
+    that sklearn reached above the full depth is padded with never-taken splits
+    (threshold +inf) whose leaves repeat its value. Prediction walks every tree and row
+    at once, one level per numpy step: `base + sum_t leaf[t, reached]`."""
+
+    def __init__(self, feature, threshold, leaf, base: float):
+        self.feature = np.asarray(feature, dtype=np.int64)
+        self.threshold = np.asarray(threshold, dtype=np.float64)
+        self.leaf = np.asarray(leaf, dtype=np.float64)
+        self.base = float(base)
+        trees, internal = self.feature.shape
+        self.depth = int(round(math.log2(internal + 1)))
+        if (
+            self.threshold.shape != (trees, internal)
+            or self.leaf.shape != (trees, internal + 1)
+            or 2**self.depth - 1 != internal
+        ):
+            raise ValueError(
+                f"trees: feature {self.feature.shape}, threshold {self.threshold.shape} and "
+                f"leaf {self.leaf.shape} are not complete trees of one depth"
+            )
+        if not np.all(np.isfinite(self.leaf)):
+            raise ValueError("trees: leaf values must be finite")
+        # Flat copies: one `take` per array and level is faster than 2-D fancy indexing.
+        self._feature, self._threshold = self.feature.ravel(), self.threshold.ravel()
+        self._leaf = self.leaf.ravel()
+        self._node_offset = (np.arange(trees) * internal)[:, None]
+        self._leaf_offset = (np.arange(trees) * (internal + 1) - internal)[:, None]
+
+    @property
+    def width(self) -> int:
+        return int(self.feature.max()) + 1 if self.feature.size else 0
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        x = np.asarray(features, dtype=np.float32)
+        n, width = x.shape
+        flat, row_start = x.ravel(), np.arange(n) * width
+        node = np.zeros((self.feature.shape[0], n), dtype=np.int64)
+        for _ in range(self.depth):
+            at = node + self._node_offset
+            value = flat.take(row_start + self._feature.take(at))
+            node = 2 * node + 1 + (value > self._threshold.take(at))
+        return self.base + self._leaf.take(node + self._leaf_offset).sum(0)
+
+    @classmethod
+    def from_sklearn(cls, model, base: float) -> TreeEnsemble:
+        """From a fitted `GradientBoostingRegressor(init="zero")` (public `tree_` arrays)."""
+        trees = [est.tree_ for est in model.estimators_[:, 0]]
+        depth = max(int(t.max_depth) for t in trees)
+        internal = 2**depth - 1
+        feature = np.zeros((len(trees), internal), dtype=np.int64)
+        threshold = np.full((len(trees), internal), np.inf)
+        leaf = np.zeros((len(trees), internal + 1))
+        rate = float(model.learning_rate)
+        for t, tree in enumerate(trees):
+            stack = [(0, 0, 0)]  # (sklearn node, padded position, level)
+            while stack:
+                node, pos, level = stack.pop()
+                is_leaf = tree.children_left[node] == -1
+                if level == depth:
+                    leaf[t, pos - internal] = rate * float(tree.value[node].reshape(-1)[0])
+                    continue
+                if is_leaf:
+                    stack += [(node, 2 * pos + 1, level + 1), (node, 2 * pos + 2, level + 1)]
+                    continue
+                feature[t, pos] = int(tree.feature[node])
+                threshold[t, pos] = float(tree.threshold[node])
+                stack += [
+                    (int(tree.children_left[node]), 2 * pos + 1, level + 1),
+                    (int(tree.children_right[node]), 2 * pos + 2, level + 1),
+                ]
+        return cls(feature, threshold, leaf, base)
+
+    def to_json(self) -> dict:
+        return {
+            "feature": self.feature.tolist(),
+            "threshold": [[v if math.isfinite(v) else "inf" for v in r] for r in self.threshold],
+            "leaf": self.leaf.tolist(),
+            "base": self.base,
+        }
+
+    @classmethod
+    def from_json(cls, data) -> TreeEnsemble:
+        threshold = [[math.inf if v == "inf" else float(v) for v in r] for r in data["threshold"]]
+        return cls(data["feature"], threshold, data["leaf"], data["base"])
+
+
 class ReusePredictor:
-    """Predicted log(1 + steps to the next use) of a key: a linear model on its features."""
+    """Predicted log(1 + steps to the next use) of a key, from its features (`FEATURES` plus
+    one indicator per layer) by a linear model or a `TreeEnsemble`, with the co-occurrence
+    table the features need."""
 
     def __init__(
         self,
-        coef,
-        intercept: float,
-        mean,
-        scale,
         num_layers: int,
         num_experts: int,
         cap: float,
+        table=None,
+        linear: dict | None = None,
+        trees: TreeEnsemble | None = None,
         info: dict | None = None,
     ):
-        self.coef = np.asarray(coef, dtype=np.float64)
-        self.mean = np.asarray(mean, dtype=np.float64)
-        self.scale = np.asarray(scale, dtype=np.float64)
-        self.intercept = float(intercept)
         self.num_layers, self.num_experts = int(num_layers), int(num_experts)
         self.cap = float(cap)
         self.info = dict(info or {})
+        shape = (len(MARKOV_HORIZONS), self.num_layers, self.num_experts, self.num_experts)
+        # Rounded as it is saved, so a fitted predictor and its JSON decide alike.
+        self.table = np.zeros(shape) if table is None else np.round(np.asarray(table, float), 6)
+        if self.table.shape != shape or not np.all(np.isfinite(self.table)):
+            raise ValueError(f"predictor: co-occurrence table {self.table.shape}, expected {shape}")
+        if (linear is None) == (trees is None):
+            raise ValueError("predictor: give exactly one model, linear= or trees=")
         width = len(FEATURES) + self.num_layers
-        if not (self.coef.shape == self.mean.shape == self.scale.shape == (width,)):
-            raise ValueError(
-                f"predictor: coef/mean/scale must have {width} entries ({len(FEATURES)} "
-                f"features + {self.num_layers} layers), got {self.coef.shape}"
-            )
-        if not np.all(np.isfinite(self.coef)) or np.any(self.scale <= 0):
-            raise ValueError("predictor: coefficients must be finite and scales positive")
-        # Folded once: prediction is one matrix-vector product.
-        self._w = self.coef / self.scale
-        self._b = self.intercept - float(self._w @ self.mean)
+        self.kind = "linear" if trees is None else "trees"
+        self.trees = trees
+        if linear is not None:
+            self.coef = np.asarray(linear["coef"], dtype=np.float64)
+            self.mean = np.asarray(linear["mean"], dtype=np.float64)
+            self.scale = np.asarray(linear["scale"], dtype=np.float64)
+            self.intercept = float(linear["intercept"])
+            if not (self.coef.shape == self.mean.shape == self.scale.shape == (width,)):
+                raise ValueError(
+                    f"predictor: coef/mean/scale must have {width} entries ({len(FEATURES)} "
+                    f"features + {self.num_layers} layers), got {self.coef.shape}"
+                )
+            if not np.all(np.isfinite(self.coef)) or np.any(self.scale <= 0):
+                raise ValueError("predictor: coefficients must be finite and scales positive")
+            # Folded once: prediction is one matrix-vector product.
+            self._w = self.coef / self.scale
+            self._b = self.intercept - float(self._w @ self.mean)
+        elif trees.width > width:
+            raise ValueError(f"predictor: trees split on feature {trees.width - 1} of {width}")
 
     def predict(self, features: np.ndarray) -> np.ndarray:
+        if self.trees is not None:
+            return self.trees.predict(features)
         return features @ self._w + self._b
 
     @classmethod
@@ -206,38 +383,77 @@ class ReusePredictor:
         cap: float,
         ridge: float = 1e-3,
         info: dict | None = None,
+        table=None,
+        kind: str = "linear",
+        trees: dict | None = None,
     ) -> ReusePredictor:
-        """Least squares with a small ridge on standardised features."""
+        """kind "linear": least squares with a small ridge on standardised features; kind
+        "trees": sklearn's `GradientBoostingRegressor` (squared error; `trees` overrides
+        its settings, default 60 trees of depth 4, learning rate 0.1, subsample 0.5,
+        random_state 0) on the labels less their mean, exported to a `TreeEnsemble` and
+        checked against sklearn's own predictions."""
         x = np.asarray(features, dtype=np.float64)
         y = np.asarray(labels, dtype=np.float64)
         if x.ndim != 2 or x.shape[0] != y.size or y.size < x.shape[1] + 1:
             raise ValueError(f"fit: {x.shape} features for {y.size} labels")
+        if kind not in MODEL_KINDS:
+            raise ValueError(f"fit: kind must be one of {MODEL_KINDS}, got {kind!r}")
+        common = {"table": table, "info": info}
+        if kind == "trees":
+            from sklearn.ensemble import GradientBoostingRegressor
+
+            settings = {
+                "n_estimators": 60,
+                "max_depth": 4,
+                "learning_rate": 0.1,
+                "subsample": 0.5,
+                "random_state": 0,
+                **(trees or {}),
+            }
+            base = float(y.mean())
+            model = GradientBoostingRegressor(init="zero", **settings).fit(x, y - base)
+            ensemble = TreeEnsemble.from_sklearn(model, base)
+            probe = x[:: max(1, x.shape[0] // 2000)]
+            if not np.allclose(ensemble.predict(probe), model.predict(probe) + base, atol=1e-9):
+                raise RuntimeError("fit: the exported trees disagree with sklearn's")
+            info = dict(info or {}, trees=settings)
+            return cls(num_layers, num_experts, cap, trees=ensemble, **dict(common, info=info))
         mean, scale = x.mean(0), x.std(0)
         scale = np.where(scale > 1e-12, scale, 1.0)
         z = (x - mean) / scale
         gram = z.T @ z + ridge * y.size * np.eye(z.shape[1])
         coef = np.linalg.solve(gram, z.T @ (y - y.mean()))
-        return cls(coef, y.mean(), mean, scale, num_layers, num_experts, cap, info)
+        linear = {"coef": coef, "intercept": y.mean(), "mean": mean, "scale": scale}
+        return cls(num_layers, num_experts, cap, linear=linear, **common)
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "format": PREDICTOR_FORMAT,
             "version": PREDICTOR_VERSION,
             "features": [*FEATURES, *(f"layer_{i}" for i in range(self.num_layers))],
             "half_lives_steps": list(HALF_LIVES),
+            "markov_horizons_tokens": list(MARKOV_HORIZONS),
             "target": "log1p(steps to next use), capped",
             "cap_steps": self.cap,
             "num_layers": self.num_layers,
             "num_experts": self.num_experts,
-            "coef": self.coef.tolist(),
-            "intercept": self.intercept,
-            "mean": self.mean.tolist(),
-            "scale": self.scale.tolist(),
+            "kind": self.kind,
+            "table": self.table.tolist(),
             "info": self.info,
         }
+        if self.trees is not None:
+            out["trees"] = self.trees.to_json()
+        else:
+            out["linear"] = {
+                "coef": self.coef.tolist(),
+                "intercept": self.intercept,
+                "mean": self.mean.tolist(),
+                "scale": self.scale.tolist(),
+            }
+        return out
 
     def save(self, path) -> Path:
-        return atomic_write_text(path, json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n")
+        return atomic_write_text(path, json.dumps(self.to_json(), sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, path) -> ReusePredictor:
@@ -250,17 +466,23 @@ class ReusePredictor:
                 f"{PREDICTOR_VERSION}"
             )
         want = [*FEATURES, *(f"layer_{i}" for i in range(data["num_layers"]))]
-        if data["features"] != want or list(data["half_lives_steps"]) != list(HALF_LIVES):
+        if (
+            data["features"] != want
+            or list(data["half_lives_steps"]) != list(HALF_LIVES)
+            or list(data["markov_horizons_tokens"]) != list(MARKOV_HORIZONS)
+        ):
             raise ValueError(f"{path}: features differ from this code's {want}")
+        kind = data.get("kind")
+        if kind not in MODEL_KINDS:
+            raise ValueError(f"{path}: model kind {kind!r}, expected one of {MODEL_KINDS}")
         return cls(
-            data["coef"],
-            data["intercept"],
-            data["mean"],
-            data["scale"],
             data["num_layers"],
             data["num_experts"],
             data["cap_steps"],
-            data["info"],
+            table=data["table"],
+            linear=data.get("linear") if kind == "linear" else None,
+            trees=TreeEnsemble.from_json(data["trees"]) if kind == "trees" else None,
+            info=data["info"],
         )
 
 
@@ -315,23 +537,38 @@ class LayerAwarePolicy:
 
 
 class LearnedPolicy:
-    """Evict the resident key predicted to be needed last (see the module doc)."""
+    """Evict the resident key predicted to be needed last (see the module doc).
+
+    protect: per layer, the `protect` experts the co-occurrence table rates most likely for
+    the layer's next call (`markov_1tok`) are kept from eviction while another choice
+    exists (protection instead of prefetch: no extra reads).
+
+    Read-ahead (`simulate`'s prefetch): `admits_prefetch(key)` says whether `key` may be
+    read ahead now: there is room, or a resident key that is neither in use nor protected
+    and is predicted to be needed no sooner than `key`. So a prefetch never evicts a
+    protected expert. `admit_prefetch(key)` makes it resident without counting a use."""
 
     name = "learned"
 
-    def __init__(self, capacity: int, layers, predictor: ReusePredictor):
+    def __init__(self, capacity: int, layers, predictor: ReusePredictor, protect: int = 0):
         from sage_core.offload.cache_policy import _check_capacity
 
         self.capacity = _check_capacity(capacity)
-        self.state = FeatureState(layers, predictor.num_experts)
-        if self.state.clock.num_layers != predictor.num_layers:
+        num_layers = len(layer_positions(layers))
+        if num_layers != predictor.num_layers:
             raise ValueError(
                 f"the predictor was fitted for {predictor.num_layers} sparse layers, the "
-                f"model has {self.state.clock.num_layers}"
+                f"model has {num_layers}"
             )
+        self.state = FeatureState(layers, predictor.num_experts, predictor.table)
+        if isinstance(protect, bool) or not isinstance(protect, int) or protect < 0:
+            raise ValueError(f"protect must be an int >= 0 (experts per layer), got {protect!r}")
         self.predictor = predictor
+        self.protect = protect
         self._resident: dict = {}  # key -> code
         self._ranked: list | None = None  # codes, evict first first, for the current call
+        self._score: dict = {}  # code -> predicted distance, for the current call
+        self._protected = np.zeros(0, dtype=bool)
         self._key_of: dict = {}
         self.scored = 0  # feature rows scored, for the cost per token
 
@@ -339,17 +576,30 @@ class LearnedPolicy:
         if self.state.clock.advance(key):
             self._ranked = None
 
+    def _rank(self):
+        codes = np.fromiter(self._resident.values(), dtype=np.int64)
+        features = self.state.features(codes)
+        scores = self.predictor.predict(features)
+        self.scored += codes.size
+        protected = np.zeros(codes.size, dtype=bool)
+        if self.protect:
+            markov = self.state.markov()[0].reshape(self.state.clock.num_layers, -1)
+            top = np.argsort(-markov, axis=1, kind="stable")[:, : self.protect]
+            mask = np.zeros(markov.shape, dtype=bool)
+            np.put_along_axis(mask, top, True, axis=1)
+            protected = mask.reshape(-1)[codes]
+        # Unprotected before protected; farthest predicted reuse first; then least recent.
+        order = np.lexsort((self.state.last[codes], -scores, protected))
+        self._ranked = codes[order].tolist()
+        self._score = dict(zip(codes.tolist(), scores.tolist(), strict=True))
+        self._protected = {c for c, p in zip(codes.tolist(), protected.tolist(), strict=True) if p}
+
     def victim(self, key):
         self._tick(key)
         if len(self._resident) < self.capacity:
             return None
         if self._ranked is None:
-            codes = np.fromiter(self._resident.values(), dtype=np.int64)
-            scores = self.predictor.predict(self.state.features(codes))
-            self.scored += codes.size
-            # Farthest predicted reuse first; ties: least recently used first.
-            order = np.lexsort((self.state.last[codes], -scores))
-            self._ranked = codes[order].tolist()
+            self._rank()
         call = self.state.clock.call
         while self._ranked:
             c = self._ranked.pop(0)
@@ -358,6 +608,29 @@ class LearnedPolicy:
                 return k
         # Every resident key is in use in this call: the least recently used goes.
         return min(self._resident, key=lambda k: self.state.last[self._resident[k]])
+
+    def admits_prefetch(self, key) -> bool:
+        self._tick(key)
+        if len(self._resident) < self.capacity:
+            return True
+        if self._ranked is None:
+            self._rank()
+        c = self.state.code(key)
+        mine = float(self.predictor.predict(self.state.features(np.array([c])))[0])
+        call = self.state.clock.call
+        return any(
+            r not in self._protected
+            and self._score.get(r, -math.inf) >= mine
+            and self.state.call_of_use[r] != call
+            and self._key_of[r] in self._resident
+            for r in self._ranked
+        )
+
+    def admit_prefetch(self, key):
+        self._tick(key)
+        c = self.state.code(key)
+        self._resident[key] = c
+        self._key_of[c] = key
 
     def _use(self, key):
         self._tick(key)
@@ -377,7 +650,9 @@ class LearnedPolicy:
 # --- training data: features and labels from a trace ---------------------------------------
 
 
-def training_rows(keys, layers, num_experts: int, cap: float, stride: int = 1, seen_only=True):
+def training_rows(
+    keys, layers, num_experts: int, cap: float, stride: int = 1, seen_only=True, table=None
+):
     """(features, labels, times) for every key seen so far, at the start of every `stride`-th
     layer call of the (A, 2) request sequence `keys` (token-by-token order).
 
@@ -385,9 +660,10 @@ def training_rows(keys, layers, num_experts: int, cap: float, stride: int = 1, s
     layer call in steps (layer calls / L); a key never used again, or used beyond the
     trace's end by more than `cap` steps, is labelled log1p(cap); a key whose next use is
     unknown (the trace ends within `cap` steps) gives no row. The features come from the
-    same `FeatureState` the policy runs, so train and serve cannot drift apart."""
+    same `FeatureState` the policy runs (with the co-occurrence `table`, None: zeros), so
+    train and serve cannot drift apart."""
     keys = np.asarray(keys, dtype=np.int64).reshape(-1, 2)
-    state = FeatureState(layers, num_experts)
+    state = FeatureState(layers, num_experts, table)
     num_layers = state.clock.num_layers
     size = num_layers * state.num_experts
     # Time (layer calls) of every request, and of each request's key's next use.

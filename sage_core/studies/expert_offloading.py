@@ -1161,7 +1161,10 @@ def plot_cost(table):
 # --- 7. eviction by predicted reuse (issue 21) ----------------------------------------------
 
 PREDICTOR_SEED = 1000  # the tuning seed that draws the training windows
-PREDICTOR_SETTINGS = {"prompts_per_context": 24, "prompt_tokens": 64, "decode_tokens": 24}
+PREDICTOR_TUNING_SEED = 1001  # draws the training-text windows the model kind is chosen on
+PREDICTOR_SETTINGS = {"prompts_per_context": 96, "prompt_tokens": 64, "decode_tokens": 24}
+PREDICTOR_TUNING_PROMPTS = 24
+PREDICTOR_MAX_TREE_ROWS = 400_000
 PREDICTOR_CAP_STEPS = 32.0
 
 
@@ -1221,23 +1224,62 @@ def record_training_traces(model, tokenizer, seed=PREDICTOR_SEED, settings=None,
     return out
 
 
-def fit_predictor(traces, cap: float = PREDICTOR_CAP_STEPS, stride: int = 1, info=None):
-    """A `ReusePredictor` fitted on every (context, phase) trace of `traces`, each prompt's
-    trace on its own (the clock restarts per trace, as a fresh cache would)."""
-    from sage_core.offload.reuse import ReusePredictor, training_rows
+def predictor_table(traces) -> np.ndarray:
+    """The co-occurrence table (`reuse.cooccurrence_table`) counted on every (context,
+    phase) trace of `traces`."""
+    from sage_core.offload.reuse import cooccurrence_table
+
+    arrays = [t.experts for phases in traces.values() for t in phases.values()]
+    return cooccurrence_table(arrays, next(iter(next(iter(traces.values())).values())).num_experts)
+
+
+def predictor_rows(traces, table, cap: float = PREDICTOR_CAP_STEPS, stride: int = 1):
+    """(features, labels) of every (context, phase) trace of `traces`, each on its own (the
+    clock restarts per trace, as a fresh cache would)."""
+    from sage_core.offload.reuse import training_rows
 
     xs, ys = [], []
-    any_trace = None
     for phases in traces.values():
         for trace in phases.values():
-            any_trace = trace
             keys, _ = access_sequence(trace)
-            x, y = training_rows(keys, trace.layers, trace.num_experts, cap, stride)
+            x, y = training_rows(keys, trace.layers, trace.num_experts, cap, stride, table=table)
             xs.append(x)
             ys.append(y)
-    x, y = np.concatenate(xs), np.concatenate(ys)
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def fit_predictor(
+    traces,
+    cap: float = PREDICTOR_CAP_STEPS,
+    stride: int = 1,
+    info=None,
+    kind: str = "linear",
+    max_rows: int | None = None,
+    trees: dict | None = None,
+):
+    """A `ReusePredictor` fitted on every (context, phase) trace of `traces`: the
+    co-occurrence table counted on them, then the model (`kind`) on their rows (at most
+    `max_rows`, a seeded uniform sample, for the trees)."""
+    from sage_core.offload.reuse import ReusePredictor
+
+    table = predictor_table(traces)
+    x, y = predictor_rows(traces, table, cap, stride)
+    if max_rows is not None and y.size > max_rows:
+        pick = np.sort(np.random.default_rng(0).choice(y.size, max_rows, replace=False))
+        x, y = x[pick], y[pick]
+    some = next(iter(next(iter(traces.values())).values()))
     info = dict(info or {}, rows=int(y.size))
-    return ReusePredictor.fit(x, y, len(any_trace.layers), any_trace.num_experts, cap, info=info)
+    return ReusePredictor.fit(
+        x,
+        y,
+        len(some.layers),
+        some.num_experts,
+        cap,
+        info=info,
+        table=table,
+        kind=kind,
+        trees=trees,
+    )
 
 
 REUSE_FRACTIONS = (0.1, 0.25, 0.5)
@@ -1286,6 +1328,82 @@ def simulate_reuse_policies(sets, predictor, fractions=REUSE_FRACTIONS, part="sc
                         "policy_s_per_token": seconds / trace.num_tokens,
                     }
                 )
+    return rows
+
+
+def markov_prefetch_plan(
+    trace: RoutingTrace, table, experts: int, min_probability: float = 0.0
+) -> dict[int, list]:
+    """{request index: keys to read ahead} in the token-by-token order: before token t's
+    first request in layer l (t >= 1), the `experts` experts of layer l the co-occurrence
+    table rates most likely for the next token given token t-1's experts in layer l
+    (`table[0]`, horizon one token): known one token ahead, so the read can overlap a whole
+    token's compute, unlike next-layer prefetch. Only experts rated at least
+    `min_probability` are read ahead."""
+    n, num_layers, k = trace.experts.shape
+    used = np.zeros((n, num_layers, trace.num_experts))
+    np.put_along_axis(used, trace.experts.astype(np.int64), 1.0 / k, axis=2)
+    scores = np.einsum("nla,lae->nle", used, np.asarray(table)[0])
+    top = np.argsort(-scores, axis=2, kind="stable")[:, :, :experts]
+    likely = np.take_along_axis(scores, top, axis=2) >= min_probability
+    return {
+        ((t + 1) * num_layers + li) * k: [
+            (int(trace.layers[li]), int(e))
+            for e, keep in zip(top[t, li], likely[t, li], strict=True)
+            if keep
+        ]
+        for t in range(n - 1)
+        for li in range(num_layers)
+    }
+
+
+PROTECTION_ARMS = ("learned", "learned_protect", "learned_prefetch", "lru", "lru_next_layer")
+
+
+def simulate_protection(sets, predictor, fraction: float = 0.25, experts: int | None = None):
+    """Per (seed, context, phase) at one cache size: the learned policy alone; with the
+    `experts` (default: top-k) experts per layer predicted for the next token protected
+    from eviction (`learned_protect`, no extra reads); with those experts also read ahead
+    one token early, a read-ahead never evicting a protected expert nor a key predicted to
+    be needed sooner (`learned_prefetch`); LRU alone and LRU with next-layer prefetch
+    (section 3's). Rows: hit rate of demand requests, experts read per token (demand misses
+    plus read-aheads) and read-aheads per token."""
+    rows = []
+    for seed, context, phase, trace in _cells(sets):
+        keys, _ = access_sequence(trace)
+        cap = capacities(trace.num_experts * len(trace.layers), [fraction])[0]
+        layers = [int(x) for x in trace.layers]
+        m = trace.top_k if experts is None else experts
+        plan = markov_prefetch_plan(trace, predictor.table, m)
+
+        def learned(protect=0, cap=cap, layers=layers):
+            return cache_policy.make_policy(
+                "learned", cap, layers=layers, predictor=predictor, protect=protect
+            )
+
+        sims = {
+            "learned": cache_policy.simulate(keys, learned()),
+            "learned_protect": cache_policy.simulate(keys, learned(m)),
+            "learned_prefetch": cache_policy.simulate(keys, learned(m), plan),
+            "lru": cache_policy.simulate(keys, cache_policy.make_policy("lru", cap)),
+            "lru_next_layer": cache_policy.simulate(
+                keys, cache_policy.make_policy("lru", cap), prefetch_plan(trace)
+            ),
+        }
+        for name, sim in sims.items():
+            rows.append(
+                {
+                    "seed": seed,
+                    "context": context,
+                    "phase": phase,
+                    "fraction": fraction,
+                    "capacity": cap,
+                    "policy": name,
+                    "hit_rate": sim.hit_rate,
+                    "experts_read_per_token": sim.experts_read / trace.num_tokens,
+                    "prefetched_per_token": sim.prefetched / trace.num_tokens,
+                }
+            )
     return rows
 
 
@@ -1344,8 +1462,24 @@ def predictor_accuracy(sets, predictor, horizons=(1, 2, 4, 8), stride: int = 4) 
     return {h: t_interval(v) for h, v in per_seed.items()}
 
 
+def tuning_hit_rates(traces, predictor, fraction: float = 0.25) -> dict[str, float]:
+    """{"context phase": hit rate of the learned policy} on `traces` at one cache size."""
+    out = {}
+    for context, phases in traces.items():
+        for phase, trace in phases.items():
+            keys, _ = access_sequence(trace)
+            cap = capacities(trace.num_experts * len(trace.layers), [fraction])[0]
+            layers = [int(x) for x in trace.layers]
+            policy = cache_policy.make_policy("learned", cap, layers=layers, predictor=predictor)
+            out[f"{context} {phase}"] = cache_policy.simulate(keys, policy).hit_rate
+    return out
+
+
 def fit_default_predictor(model_path=None, out=None) -> Path:
-    """Record training-text traces on the default model, fit the predictor, write it."""
+    """Record training-text traces on the default model (seed `PREDICTOR_SEED`), fit a
+    linear and a tree predictor on them, choose the one with the higher mean hit rate at
+    25% on other training-text windows (seed `PREDICTOR_TUNING_SEED`; never held-out
+    text), and write it with both tuning scores in its info."""
     from sage_core.offload.reuse import DEFAULT_PREDICTOR
     from sage_core.studies.experiments import load_model
 
@@ -1353,6 +1487,12 @@ def fit_default_predictor(model_path=None, out=None) -> Path:
     torch.set_num_threads(1)
     model, tokenizer, path = load_model(model_path, "cpu", "float32")
     traces = record_training_traces(model, tokenizer)
+    tuning = record_training_traces(
+        model,
+        tokenizer,
+        seed=PREDICTOR_TUNING_SEED,
+        settings={"prompts_per_context": PREDICTOR_TUNING_PROMPTS},
+    )
     info = {
         "text": "training split without validation documents (ValidationCorpus), all contexts",
         "seed": PREDICTOR_SEED,
@@ -1360,7 +1500,32 @@ def fit_default_predictor(model_path=None, out=None) -> Path:
         "model": path.name,
         "command": "python -m sage_core.studies.expert_offloading fit-predictor",
     }
-    predictor = fit_predictor(traces, stride=2, info=info)
+    fitted = {
+        kind: fit_predictor(
+            traces,
+            stride=2,
+            info=info,
+            kind=kind,
+            max_rows=PREDICTOR_MAX_TREE_ROWS if kind == "trees" else None,
+        )
+        for kind in ("linear", "trees")
+    }
+    scores = {kind: tuning_hit_rates(tuning, p) for kind, p in fitted.items()}
+    means = {kind: float(np.mean(list(v.values()))) for kind, v in scores.items()}
+    chosen = max(means, key=means.get)
+    for kind, v in scores.items():
+        print(f"{kind}: mean hit rate at 25% on tuning traces {means[kind]:.4f}", v)
+    predictor = fitted[chosen]
+    predictor.info.update(
+        chosen_kind=chosen,
+        tuning={
+            "seed": PREDICTOR_TUNING_SEED,
+            "prompts_per_context": PREDICTOR_TUNING_PROMPTS,
+            "fraction": 0.25,
+            "hit_rate": {k: {c: round(h, 4) for c, h in v.items()} for k, v in scores.items()},
+            "mean_hit_rate": {k: round(v, 4) for k, v in means.items()},
+        },
+    )
     return predictor.save(out or DEFAULT_PREDICTOR)
 
 
