@@ -165,6 +165,10 @@ class FeatureState:
         self.now = np.zeros((num_layers, self.num_experts))
         self.before = np.zeros((num_layers, self.num_experts))
         self.now_call = np.full(num_layers, -1, dtype=np.int64)
+        self._markov = np.zeros(shape[:3])  # (H, L, E), see `markov`
+        self._markov_ident = np.full(num_layers, -1, dtype=np.int64)
+        for layer in range(num_layers):  # before any use: every layer's set is empty
+            self._markov[:, layer] = 0.0
         self.last = np.full(size, -(10**9), dtype=np.int64)  # time of last use
         self.last_step = np.full(size, -(10**9), dtype=np.int64)
         self.count = np.zeros(size, dtype=np.float64)
@@ -198,36 +202,40 @@ class FeatureState:
 
     def markov(self) -> np.ndarray:
         """(H, L * E) co-occurrence scores of every key: the table averaged over the experts
-        of the key's layer's latest *finished* call (the one in progress is not complete)."""
-        current = (self.now_call == self.clock.call)[:, None]
-        used = np.where(current, self.before, self.now)
-        weights = used / np.maximum(used.sum(1, keepdims=True), 1.0)
-        return np.einsum("la,hlae->hle", weights, self.table).reshape(len(self.table), -1)
+        of the key's layer's latest *finished* call (the one in progress is not complete).
+        A layer's scores are recomputed only when that call changes (at most two layers a
+        layer call)."""
+        current = self.now_call == self.clock.call
+        ident = self.now_call * 2 + current
+        for layer in np.flatnonzero(ident != self._markov_ident):
+            used = self.before[layer] if current[layer] else self.now[layer]
+            weights = used / max(used.sum(), 1.0)
+            self._markov[:, layer] = weights @ self.table[:, layer]
+        self._markov_ident = ident
+        return self._markov.reshape(len(self.table), -1)
 
     def features(self, codes) -> np.ndarray:
-        """(n, F + L) feature rows of `codes` at the present time (see FEATURES)."""
+        """(n, F + L) feature rows of `codes` at the present time (see FEATURES); written
+        column by column into one array (a view of it, transposed)."""
         codes = np.asarray(codes, dtype=np.int64)
         num_layers = self.clock.num_layers
-        now, p = self.clock.time, self.clock.pos
-        since = (now - self.last[codes]) / num_layers  # steps since last use
+        step, p = self.clock.step, self.clock.pos
+        out = np.empty((len(FEATURES) + num_layers, codes.size))
+        since = (self.clock.time - self.last[codes]) * (1.0 / num_layers)  # steps since use
+        np.log1p(since, out=out[0])
+        np.divide(1.0, 1.0 + since, out=out[1])
         q = codes // self.num_experts
-        earliest = np.where(q > p, q - p, num_layers - p + q) / num_layers
-        decayed = self.decayed[:, codes] * np.exp(-self._rates[:, None] * since[None, :])
-        log_since = np.log1p(since)
-        rate = self.count[codes] / (self.clock.step + 1.0)
-        cols = [
-            log_since,
-            1.0 / (1.0 + since),
-            earliest,
-            *np.log1p(decayed),
-            np.log1p(self.count[codes]),
-            rate,
-            (self.last_step[codes] >= self.clock.step - 1).astype(np.float64),
-            log_since * np.log1p(decayed[1]),
-            *self.markov()[:, codes],
-        ]
-        onehot = (q[:, None] == np.arange(num_layers)[None, :]).astype(np.float64)
-        return np.column_stack([*cols, onehot])
+        # Layer calls to the earliest next use, / L: q - p ahead, or the next step's q.
+        out[2] = ((q - p - 1) % num_layers + 1) * (1.0 / num_layers)
+        np.log1p(self.decayed[:, codes] * np.exp(np.outer(-self._rates, since)), out=out[3:6])
+        count = self.count[codes]
+        np.log1p(count, out=out[6])
+        np.multiply(count, 1.0 / (step + 1.0), out=out[7])
+        out[8] = self.last_step[codes] >= step - 1
+        np.multiply(out[0], out[4], out=out[9])
+        out[10 : MARKOV_1 + len(MARKOV_HORIZONS)] = self.markov()[:, codes]
+        out[len(FEATURES) :] = q == np.arange(num_layers)[:, None]
+        return out.T
 
 
 class TreeEnsemble:
