@@ -64,6 +64,9 @@ def check_parity(model, ids, new):
     compiled, compiled_logits = step_logits(model, ids, new, compile=True)
     static, static_logits = step_logits(model, ids, new, compile=False)
     theirs = TransformersThinker(model, "eager").generate(ids, new)
+    # generate(compile=True) greedy picks each token inside the compiled step; the
+    # callback path above returns the logits to pick from.
+    assert torch.equal(generate(model, ids, new, compile=True), eager)
     assert torch.equal(compiled, eager)
     assert torch.equal(static, eager)
     assert torch.equal(theirs, eager)
@@ -154,6 +157,8 @@ def test_traceable_selector_runs_in_the_static_step_with_its_exclusions(tiny):
         tiny.set_selector(Excluding(excluded, k, bad=True))
         with pytest.raises(ValueError, match=r"outside \[0, num_experts\)"):
             decode.generate_static(tiny, ids, 4, lambda x: x.argmax(-1), compile=False)
+        with pytest.raises(ValueError, match=r"outside \[0, num_experts\)"):  # greedy step
+            decode.generate_static(tiny, ids, 4, None, compile=False)
         with pytest.raises(ValueError, match=r"chose expert \d+, outside the valid range"):
             generate(tiny, ids, 4)  # the eager path keeps its immediate, precise error
     finally:

@@ -12,6 +12,7 @@ from sage_core.model.moe import (
     ResidentExperts,
     RouterTopK,
     gathered_expert_mix,
+    gathered_expert_mix_reduce,
     grouped_expert_mix,
     load_balancing_loss,
     single_token_expert_mix,
@@ -72,6 +73,8 @@ def test_grouped_and_gathered_experts_equal_a_per_token_loop(T, k):
         expected = naive_mix(x, indices, weights, experts)
         torch.testing.assert_close(grouped_expert_mix(x, indices, weights, experts), expected)
         torch.testing.assert_close(gathered_expert_mix(x, indices, weights, experts), expected)
+        reduced = gathered_expert_mix_reduce(x, indices, weights, experts)
+        torch.testing.assert_close(reduced, expected)
         if T == 1:
             single = single_token_expert_mix(x, indices, weights, experts)
             torch.testing.assert_close(single, expected)

@@ -122,13 +122,7 @@ class Attention(nn.Module):
         positions (this call appends S); mask from `chunk_mask(input_pos, S)`, or, for the
         static decode step (input_pos a (1,) tensor), from `static_decode_mask`."""
         B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim)  # (B, S, heads, head_dim)
-        k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim)  # (B, S, kv_heads, hd)
-        v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim)  # (B, S, kv_heads, hd)
-        q = self.q_norm(q).transpose(1, 2)  # (B, heads, S, head_dim)
-        k = self.k_norm(k).transpose(1, 2)  # (B, kv_heads, S, head_dim)
-        v = v.transpose(1, 2)  # (B, kv_heads, S, head_dim)
-        q, k = apply_rotary(q, k, cos, sin)
+        q, k, v = self._qkv(x, cos, sin)
         if kv_cache is not None:
             # (B, kv_heads, input_pos + S or max_len, head_dim)
             k, v = kv_cache.update(input_pos, k, v)
@@ -143,3 +137,37 @@ class Attention(nn.Module):
         )  # (B, heads, S, head_dim)
         y = y.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim)  # (B, S, heads*hd)
         return self.o_proj(y)
+
+    def _qkv(self, x, cos, sin):
+        """x (B, S, H) -> q (B, heads, S, hd), k and v (B, kv_heads, S, hd), after QK-norm
+        and RoPE."""
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim)  # (B, S, heads, head_dim)
+        k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim)  # (B, S, kv_heads, hd)
+        v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim)  # (B, S, kv_heads, hd)
+        q = self.q_norm(q).transpose(1, 2)  # (B, heads, S, head_dim)
+        k = self.k_norm(k).transpose(1, 2)  # (B, kv_heads, S, head_dim)
+        v = v.transpose(1, 2)  # (B, kv_heads, S, head_dim)
+        q, k = apply_rotary(q, k, cos, sin)
+        return q, k, v
+
+    def forward_static(self, x, cos, sin, kv_cache: KVCache, input_pos, mask):
+        """The decode step's attention: x (B, 1, H), input_pos a (1,) tensor, mask from
+        `static_decode_mask` -> (B, 1, H).
+
+        One query against the whole static cache, written as broadcast products and sums
+        rather than SDPA: under torch.compile inductor fuses them with the masking and the
+        softmax into a few loops, where SDPA would be an opaque kernel call per layer whose
+        fixed cost, for a single query, exceeds its arithmetic. The softmax is taken in
+        float32, as SDPA's CPU kernel does."""
+        B = x.shape[0]
+        q, k, v = self._qkv(x, cos, sin)
+        k, v = kv_cache.update(input_pos, k, v)  # each (B, kv_heads, max_len, hd)
+        group = self.num_heads // self.num_kv_heads
+        # Query head h reads kv head h // group (SDPA's enable_gqa): (B, kv_heads, group, hd).
+        q = q.reshape(B, self.num_kv_heads, group, self.head_dim)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scaling  # (B, kv, g, L)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+        y = torch.matmul(probs, v)  # (B, kv_heads, group, hd)
+        return self.o_proj(y.reshape(B, 1, self.num_heads * self.head_dim))  # (B, 1, H)

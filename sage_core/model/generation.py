@@ -84,13 +84,12 @@ def generate(
     if compile:
         reason = decode.eager_reason(model)
         if reason is None:
-            return decode.generate_static(
-                model,
-                input_ids,
-                max_new_tokens,
-                lambda logits: _next_token(logits, temperature, top_p, generator),
-                compile=True,
-            )
+            # Greedy: the token is picked inside the compiled step (None); sampling draws
+            # from the generator eagerly between steps.
+            pick = None
+            if temperature > 0:
+                pick = lambda logits: _next_token(logits, temperature, top_p, generator)  # noqa: E731
+            return decode.generate_static(model, input_ids, max_new_tokens, pick, compile=True)
         decode.warn_eager(reason)
     B, S = input_ids.shape
     cache = model.new_cache(B, S + max_new_tokens)

@@ -192,6 +192,19 @@ def gathered_expert_mix(x, indices, weights, experts: ResidentExperts) -> torch.
     return (y * weights[..., None]).sum(dim=1)  # (T, H)
 
 
+def gathered_expert_mix_reduce(x, indices, weights, experts: ResidentExperts) -> torch.Tensor:
+    """gathered_expert_mix written as broadcast products and sums, for the compiled decode
+    step: inductor fuses the gather into the reduction loops (each expert's weights are
+    read in place, never copied out), where an einsum lowers to a batched product over
+    gathered copies whose flattened (k x 2I) dimension its CPU code cannot vectorise.
+    Eagerly it materialises the products (T, k, 2I, H): for a step of a few tokens only."""
+    gate_up = experts.gate_up_proj[indices]  # (T, k, 2I, H)
+    down = experts.down_proj[indices]  # (T, k, H, I)
+    gate, up = (gate_up * x[:, None, None, :]).sum(-1).chunk(2, dim=-1)  # each (T, k, I)
+    y = (down * (F.silu(gate) * up)[:, :, None, :]).sum(-1)  # (T, k, H)
+    return (y * weights[..., None]).sum(dim=1)  # (T, H)
+
+
 class SparseMoeBlock(nn.Module):
     def __init__(self, config: ThinkerTextConfig, layer_idx: int):
         super().__init__()
@@ -245,7 +258,7 @@ class SparseMoeBlock(nn.Module):
         self._check_choice_shapes(indices, weights, x)  # static: costs nothing when compiled
         bad = ((indices < 0) | (indices >= self.num_experts)).any()  # (), on the device
         indices = indices.clamp(0, self.num_experts - 1)
-        out = gathered_expert_mix(x, indices, weights, self.experts)  # (T, H)
+        out = gathered_expert_mix_reduce(x, indices, weights, self.experts)  # (T, H)
         return out.reshape(shape), bad
 
     def _check_choice(self, indices, weights, x):

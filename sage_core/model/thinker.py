@@ -192,7 +192,7 @@ class Qwen3OmniThinker(nn.Module):
         for i in self.layer_indices:
             layer = self.model.layers[str(i)]
             h = layer.input_layernorm(x)
-            x = x + layer.self_attn(h, cos, sin, cache[i], input_pos, mask)
+            x = x + layer.self_attn.forward_static(h, cos, sin, cache[i], input_pos, mask)
             h = layer.post_attention_layernorm(x)
             if layer.is_sparse:
                 h, layer_bad = layer.mlp.forward_static(h)
