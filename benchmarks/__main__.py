@@ -89,9 +89,11 @@ def main(argv=None) -> int:
         f"- load average (1/5/15 min): {load_before} before, {_load()} after; "
         f"total {elapsed:.0f} s",
         f"- workload: prefill {work.prefill_tokens} tokens; decode {work.decode_prompt}-token "
-        f"prompt + {work.decode_new} new tokens (greedy, whole generate() timed); "
-        f"per row, the reference's first call (the checks) is the warm-up, then "
-        f"{work.min_rounds}-{work.max_rounds} interleaved rounds (as fit {work.budget_s:.0f} s)",
+        f"prompt + {work.decode_new} new tokens (greedy, whole generate() timed), the compiled "
+        f"decode rows {work.compiled_new} new tokens (the issue's probe), compiled and eager "
+        f"in 5-9 interleaved rounds; per other row, the reference's first call (the checks) "
+        f"is the warm-up, then {work.min_rounds}-{work.max_rounds} interleaved rounds (as fit "
+        f"{work.budget_s:.0f} s)",
     ]
     text = results_markdown(results, header, skipped)
     print()

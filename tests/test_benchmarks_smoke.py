@@ -60,6 +60,7 @@ TOY_WORK = Workload(
     prefill_tokens=12,
     decode_prompt=4,
     decode_new=3,
+    compiled_new=3,
     budget_s=0.0,
     min_rounds=1,
     max_rounds=1,
@@ -80,7 +81,8 @@ def test_run_config_rows_checks_and_table(toy_checkpoint, tmp_path):
     assert ("prefill tok/s", "transformers experts=eager") in measures
     assert ("prefill tok/s", "per-token per-expert loop") in measures
     assert ("decode tok/s", "transformers generate experts=eager") in measures
-    assert ("compiled decode tok/s", "sage_core eager generate (compile=False)") in measures
+    compiled = ("compiled decode tok/s", "sage_core eager generate (compile=False), 3 new tokens")
+    assert compiled in measures
     assert [m[0] for m in measures[-4:]] == [
         "forward time, trust / router",
         "classifier predict, ms per generation",
