@@ -23,7 +23,10 @@ as a loader breaks it (float8_e4m3fn without a scale):
    and the rest 2 bits (`mixed_plan`: for 32 experts 5 / 2 / 25, exactly the bytes of 32
    at 3 bits). Rankings (`ALLOCATIONS`): "harm" (trust's harm estimates: the counterfactual
    arm's pooled per-cell harm learnt on the all-2-bit model, at its budget), "usage" (the
-   common heuristic: how often the router picks the expert on the stream), "measured" (a
+   common heuristic: how often the router picks the expert on the stream), "attribution"
+   (`upgrade_attribution`: the first-order estimate of each expert's upgrade gain from one
+   forward and one backward pass per batch of the same stream, the quantity the actuator
+   needs, from the machinery of the attribution arm), "measured" (a
    reference: the NLL gain of upgrading that one expert from 2 to 8 bits, measured cell by
    cell on the stream), "random" (seeded draws); and "uniform" (every expert at 3 bits).
 
@@ -58,7 +61,7 @@ KINDS = ("int4", "int3", "int2", "float8")
 SCOPES = ("all", "fraction")
 FRACTION = 0.25  # the share of each layer's experts quantised in the "fraction" scope
 PROJECTIONS = ("gate_up_proj", "down_proj")
-ALLOCATIONS = ("uniform", "usage", "harm", "measured", "random")
+ALLOCATIONS = ("uniform", "usage", "harm", "attribution", "measured", "random")
 ORACLE_GRID = (1, 2, 4, 8, 28)  # excluded cells per (context, layer), tuned
 RANDOM_DRAWS = 4
 NUM_WINDOWS = 96
@@ -347,6 +350,89 @@ def upgrade_gain(model, windows, base_bits: int = 2, high_bits: int = 8) -> dict
     return gain
 
 
+def upgrade_attribution(
+    model, windows, base_bits: int = 2, high_bits: int = 8, batch: int = 8
+) -> dict[int, torch.Tensor]:
+    """{layer: (E,) float64}: for every expert, the first-order estimate of what
+    `upgrade_gain` measures (the NLL per scored token won by storing that one expert at
+    `high_bits`, every other at `base_bits`), for one forward and one backward pass per
+    batch of windows, whatever the number of experts. Attribution patching with the
+    upgrade as the patch: on the all-`base_bits` model, raising expert e changes its
+    layer's output at each token t it serves by exactly w_te (f_high(x_t) - f_base(x_t))
+    (its routing weight, its outputs at both precisions on the token's layer input); the
+    estimate is minus the sum over those tokens of that change . the gradient of the
+    windows' NLL (their continuations, as `score_windows` scores them) at the layer's
+    output, routing held as it was. Windows of one batch share their lengths."""
+    blocks = model.sparse_blocks()
+    layers = sorted(blocks)
+    E = model.config.num_experts
+    base = Precision(model, uniform_bits(model, base_bits))
+    high = {key: fake_quantize(w, high_bits, group_size_of(w)) for key, w in base.clean.items()}
+    gain = {layer: torch.zeros(E, dtype=torch.float64) for layer in layers}
+    tokens = 0
+    inputs, outputs = {}, {}  # per layer, this batch's block input and output
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    base._write(base.broken)
+    try:
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        for start in range(0, len(windows), batch):
+            group = windows[start : start + batch]
+            ids = _ids(group)  # (B, S)
+            P = group[0].prompt.numel()  # the continuation is scored, as `score_windows` does
+            hooks = [
+                blocks[i].register_forward_pre_hook(
+                    lambda m, args, i=i: inputs.__setitem__(i, args[0].detach())
+                )
+                for i in layers
+            ] + [
+                blocks[i].register_forward_hook(
+                    lambda m, args, out, i=i: outputs.__setitem__(i, out[0])
+                )
+                for i in layers
+            ]
+            hooks.append(
+                model.model.embed_tokens.register_forward_hook(
+                    lambda m, a, out: out.requires_grad_(True)
+                )
+            )
+            try:
+                with torch.enable_grad(), model.routing_trace() as trace:
+                    nll = continuation_nll(model, ids, P)  # (B, S - P)
+                    grads = torch.autograd.grad(nll.sum(), [outputs[i] for i in layers])
+            finally:
+                for h in hooks:
+                    h.remove()
+            tokens += nll.numel()
+            with torch.no_grad():
+                for layer, grad in zip(layers, grads, strict=True):
+                    (indices, weights), *_ = trace[layer]
+                    x = inputs[layer].reshape(-1, inputs[layer].shape[-1])  # (T, H)
+                    g = grad.reshape(-1, grad.shape[-1])  # (T, H)
+                    for e in indices.unique().tolist():
+                        token, slot = (indices == e).nonzero(as_tuple=True)
+                        w = weights[token, slot].to(x.dtype)[:, None]
+                        change = w * (
+                            _expert_forward(x[token], high, layer, e)
+                            - _expert_forward(x[token], base.broken, layer, e)
+                        )  # (rows, H)
+                        gain[layer][e] -= float((g[token] * change).sum())
+    finally:
+        base._write(base.clean)
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+    return {layer: v / tokens for layer, v in gain.items()}
+
+
+def _expert_forward(x: torch.Tensor, weights: dict, layer: int, e: int) -> torch.Tensor:
+    """Expert e of `layer` on rows x (N, H) with the projections in `weights`
+    {(layer, expert, projection): tensor}, as the model's experts compute it."""
+    gate_up = weights[(layer, e, "gate_up_proj")]
+    down = weights[(layer, e, "down_proj")]
+    gate, up = torch.nn.functional.linear(x, gate_up).chunk(2, dim=-1)
+    return torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, down)
+
+
 # --- windows and records ---------------------------------------------------------------------
 
 
@@ -481,6 +567,8 @@ def precision_records(
     trained.train_to(stream, trust_runs.budget_of(len(stream), settings))
     rankings["harm"] = rank_by(pooled_harm(trained.selectors["counterfactual"].table), usage)
     cost["harm"] = trained.spent("counterfactual")
+    rankings["attribution"] = rank_by(upgrade_attribution(model, stream), usage)
+    cost["attribution"] = trust_runs.forward_equivalents(len(stream), len(stream))
     upgrade = [w for ws in _by_context(stream).values() for w in ws[:upgrade_windows_per_context]]
     rankings["measured"] = rank_by(upgrade_gain(model, upgrade), usage)
     cost["measured"] = len(upgrade) * (1 + plan.eight + plan.three + plan.two) * len(usage)
