@@ -73,15 +73,18 @@ def heldout_prompts(corpus: Corpus, n: int, prompt_bytes: int = 96, seed: int = 
     return prompts
 
 
-def greedy_generations(model, tokenizer, prompts, max_new_tokens: int) -> list[dict]:
-    """Greedy continuation of each (context, prompt); records with the decoded text."""
+def greedy_generations(
+    model, tokenizer, prompts, max_new_tokens: int, compile: bool = False
+) -> list[dict]:
+    """Greedy continuation of each (context, prompt); records with the decoded text.
+    compile: passed to `generate` (the compiled static-cache decode step)."""
     from sage_core.model.generation import generate
 
     device = model.model.embed_tokens.weight.device
     out = []
     for context, prompt in prompts:
         ids = torch.tensor([tokenizer.encode(prompt, add_bos=True)], device=device)
-        new = generate(model, ids, max_new_tokens)[0, ids.shape[1] :].tolist()
+        new = generate(model, ids, max_new_tokens, compile=compile)[0, ids.shape[1] :].tolist()
         out.append(
             {
                 "context": context,
