@@ -95,6 +95,14 @@ def test_run_config_rows_checks_and_table(toy_checkpoint, tmp_path):
     assert targets[("prefill tok/s", "transformers experts=eager")] == ">= 1.20x"
     assert targets[("prefill tok/s", "per-token per-expert loop")] == ">= 10.00x"
     assert targets[measures[-1]] == "<= 0.40x"
+    if ("prefill tok/s", "transformers experts=grouped_mm") in targets:
+        assert targets[("prefill tok/s", "transformers experts=grouped_mm")] == ">= 1.10x"
+    # The prefill through torch._grouped_mm behind sage_core's layout: same logits (checked
+    # before timing, a mismatch stops the run) and a timed note.
+    assert any("through torch._grouped_mm" in check for check in result.checks)
+    assert any(
+        note.startswith("sage_core prefill with its expert products") for note in result.notes
+    )
     for row in result.rows:
         assert math.isfinite(row.value) and row.value > 0
         assert row.low <= row.value <= row.high
