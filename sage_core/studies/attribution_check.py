@@ -42,7 +42,12 @@ from sage_core.corpus import load_corpus
 from sage_core.studies import trust_runs
 from sage_core.studies.experiments import make_samples
 from sage_core.trust import AblationSelector, attribution_estimates, continuation_nll
-from sage_core.trust.learners import AttributionSelector, _expert_outputs, removal_changes
+from sage_core.trust.learners import (
+    AttributionSelector,
+    _expert_outputs,
+    removal_changes,
+    window_nll_gradients,
+)
 
 LARGE_OUTPUT_SCALE = 8.0
 
@@ -138,44 +143,18 @@ def path_estimates(model, ids: torch.Tensor, cells: list, alphas) -> torch.Tenso
                     rows[r] = (change * (cand[:, :k] == e)[..., None]).sum(1)
             added[layer] = rows
     harm = torch.zeros(R, dtype=torch.float64)
-    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    selector = FrozenRoutingAblation(candidates, [(None, None)] * R, k, c.norm_topk_prob)
     for alpha in alphas:
-        outputs = {}
-
-        def shifted(module, args, out, layer, alpha=alpha, outputs=outputs):
-            hidden = out[0] + alpha * added[layer].reshape(out[0].shape).to(out[0].dtype)
-            outputs[layer] = hidden
-            return (hidden, *out[1:])
-
-        hooks = [
-            blocks[layer].register_forward_hook(
-                lambda m, a, out, layer=layer: shifted(m, a, out, layer)
-            )
-            for layer in layers
-        ]
-        hooks.append(
-            model.model.embed_tokens.register_forward_hook(
-                lambda m, a, out: out.requires_grad_(True)
-            )
-        )
-        model.set_selector(
-            FrozenRoutingAblation(candidates, [(None, None)] * R, k, c.norm_topk_prob)
-        )
+        shift = {layer: alpha * added[layer] for layer in layers}
+        model.set_selector(selector)
         try:
-            for p, _ in frozen:
-                p.requires_grad_(False)
-            with torch.enable_grad():
-                nll = continuation_nll(model, ids.expand(R, -1), 1).mean(1)  # (R,)
-                grads = torch.autograd.grad(nll.sum(), [outputs[layer] for layer in layers])
+            _, grads, _ = window_nll_gradients(model, ids.expand(R, -1), 1, shift)
         finally:
             model.set_selector(None)
-            for h in hooks:
-                h.remove()
-            for p, flag in frozen:
-                p.requires_grad_(flag)
-        for layer, grad in zip(layers, grads, strict=True):
-            effect = (grad.reshape(R, S, -1)[:, : S - 1] * added[layer][:, : S - 1]).sum((1, 2))
-            harm -= effect.detach().double() / len(alphas)  # harm: NLL with minus without
+        for layer in layers:
+            grad = grads[layer].reshape(R, S, -1)[:, : S - 1]
+            effect = (grad * added[layer][:, : S - 1]).sum((1, 2))
+            harm -= effect.double() / len(alphas)  # harm: NLL with minus without
     return harm
 
 

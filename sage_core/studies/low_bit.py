@@ -55,7 +55,7 @@ from sage_core.notebook.progress import progress
 from sage_core.paths import TABLES
 from sage_core.studies import experiments, statistics, trust_runs, tuning
 from sage_core.trust import OracleSelector, TrustTable
-from sage_core.trust.learners import AblationSelector, continuation_nll
+from sage_core.trust.learners import AblationSelector, continuation_nll, window_nll_gradients
 
 KINDS = ("int4", "int3", "int2", "float8")
 SCOPES = ("all", "fraction")
@@ -370,45 +370,22 @@ def upgrade_attribution(
     high = {key: fake_quantize(w, high_bits, group_size_of(w)) for key, w in base.clean.items()}
     gain = {layer: torch.zeros(E, dtype=torch.float64) for layer in layers}
     tokens = 0
-    inputs, outputs = {}, {}  # per layer, this batch's block input and output
-    frozen = [(p, p.requires_grad) for p in model.parameters()]
     base._write(base.broken)
     try:
-        for p, _ in frozen:
-            p.requires_grad_(False)
         for start in range(0, len(windows), batch):
             group = windows[start : start + batch]
             ids = _ids(group)  # (B, S)
             P = group[0].prompt.numel()  # the continuation is scored, as `score_windows` does
-            hooks = [
-                blocks[i].register_forward_pre_hook(
-                    lambda m, args, i=i: inputs.__setitem__(i, args[0].detach())
-                )
-                for i in layers
-            ] + [
-                blocks[i].register_forward_hook(
-                    lambda m, args, out, i=i: outputs.__setitem__(i, out[0])
-                )
-                for i in layers
-            ]
-            hooks.append(
-                model.model.embed_tokens.register_forward_hook(
-                    lambda m, a, out: out.requires_grad_(True)
-                )
-            )
-            try:
-                with torch.enable_grad(), model.routing_trace() as trace:
-                    nll = continuation_nll(model, ids, P)  # (B, S - P)
-                    grads = torch.autograd.grad(nll.sum(), [outputs[i] for i in layers])
-            finally:
-                for h in hooks:
-                    h.remove()
-            tokens += nll.numel()
+            C = ids.shape[1] - P
+            with model.routing_trace() as trace:
+                _, grads, inputs = window_nll_gradients(model, ids, P)
+            tokens += ids.shape[0] * C
             with torch.no_grad():
-                for layer, grad in zip(layers, grads, strict=True):
+                for layer in layers:
                     (indices, weights), *_ = trace[layer]
                     x = inputs[layer].reshape(-1, inputs[layer].shape[-1])  # (T, H)
-                    g = grad.reshape(-1, grad.shape[-1])  # (T, H)
+                    # gradient of each window's NLL sum (window_nll_gradients: its mean)
+                    g = grads[layer].reshape(-1, x.shape[-1]) * C  # (T, H)
                     for e in indices.unique().tolist():
                         token, slot = (indices == e).nonzero(as_tuple=True)
                         w = weights[token, slot].to(x.dtype)[:, None]
@@ -419,8 +396,6 @@ def upgrade_attribution(
                         gain[layer][e] -= float((g[token] * change).sum())
     finally:
         base._write(base.clean)
-        for p, flag in frozen:
-            p.requires_grad_(flag)
     return {layer: v / tokens for layer, v in gain.items()}
 
 

@@ -362,6 +362,47 @@ def removal_changes(probs, candidates, outputs, norm_topk_prob: bool) -> torch.T
     return without / new_total[..., None] - (mix / total)[:, None]  # (T, k, H)
 
 
+def window_nll_gradients(model, ids: torch.Tensor, prompt_tokens: int = 1, shift=None):
+    """The mean NLL of each window's tokens after `prompt_tokens` ((B, S) `ids`, routed by
+    whatever selector the model has) and its gradient at every sparse layer's output, with
+    the model's parameters left out of the graph. `shift` {layer: (B, S, H)}: added to
+    that layer's output on the way (None: nothing). Returns (window_nll (B,) detached,
+    {layer: (B, S, H) gradient of window_nll.sum()}, {layer: (B, S, H) the layer's input})."""
+    blocks = model.sparse_blocks()
+    layers = sorted(blocks)
+    inputs, outputs = {}, {}
+
+    def keep_output(out, layer):
+        hidden = out[0]
+        if shift is not None and layer in shift:
+            hidden = hidden + shift[layer].reshape(hidden.shape).to(hidden.dtype)
+        outputs[layer] = hidden
+        return (hidden, *out[1:])
+
+    hooks = [
+        blocks[i].register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0].detach()))
+        for i in layers
+    ] + [
+        blocks[i].register_forward_hook(lambda m, a, out, i=i: keep_output(out, i)) for i in layers
+    ]
+    hooks.append(
+        model.model.embed_tokens.register_forward_hook(lambda m, a, out: out.requires_grad_(True))
+    )
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            window_nll = continuation_nll(model, ids, prompt_tokens).mean(1)  # (B,)
+            grads = torch.autograd.grad(window_nll.sum(), [outputs[i] for i in layers])
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+    return window_nll.detach(), dict(zip(layers, grads, strict=True)), inputs
+
+
 def attribution_estimates(model, ids: torch.Tensor, masks: dict) -> dict:
     """Every served (layer, expert) cell's effect on each window's mean NLL, estimated from
     one forward and one backward pass of (B, S) `ids` routed as `AblationSelector(masks)`
@@ -385,31 +426,12 @@ def attribution_estimates(model, ids: torch.Tensor, masks: dict) -> dict:
     blocks = model.sparse_blocks()
     layers = sorted(blocks)
     selector = AttributionSelector(c.num_experts_per_tok, c.norm_topk_prob, masks, B)
-    outputs = {}
-    hooks = [
-        block.register_forward_hook(lambda m, a, out, i=i: outputs.__setitem__(i, out[0]))
-        for i, block in blocks.items()
-    ]
-    frozen = [(p, p.requires_grad) for p in model.parameters()]
     model.set_selector(selector)
     try:
-        for p, _ in frozen:
-            p.requires_grad_(False)
-        with torch.enable_grad():
-            embed = model.model.embed_tokens
-            handle = embed.register_forward_hook(lambda m, a, out: out.requires_grad_(True))
-            try:
-                nll = continuation_nll(model, ids, 1)  # (B, S - 1)
-            finally:
-                handle.remove()
-            window_nll = nll.mean(1)  # (B,)
-            grads = torch.autograd.grad(window_nll.sum(), [outputs[i] for i in layers])
+        window_nll, grads, _ = window_nll_gradients(model, ids, 1)
     finally:
         model.set_selector(None)
-        for h in hooks:
-            h.remove()
-        for p, flag in frozen:
-            p.requires_grad_(flag)
+    grads = [grads[layer] for layer in layers]
     E = c.num_experts
     harm = torch.zeros(B, len(layers), E, dtype=torch.float64)
     served = torch.zeros(B, len(layers), E, dtype=torch.bool)
