@@ -53,12 +53,30 @@ def rss_parts_bytes() -> dict:
     return parts
 
 
+def mapped_rss_bytes(suffix: str) -> int | None:
+    """Resident bytes of this process's file mappings whose path ends with `suffix`
+    (/proc/self/smaps; None where it cannot be read)."""
+    total, current = 0, None
+    try:
+        with open("/proc/self/smaps", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                if fields and "-" in fields[0] and not fields[0].endswith(":"):
+                    current = fields[5] if len(fields) > 5 else ""
+                elif fields and fields[0] == "Rss:" and current and current.endswith(suffix):
+                    total += int(fields[1]) * 1024  # kB
+    except OSError:
+        return None
+    return total
+
+
 def run_workload(checkpoint: str, max_resident: int | None, prompt: int, decode: int, seed: int):
     at_start = peak_rss_bytes()
     import torch
 
     torch.set_num_threads(2)
     after_import_torch = peak_rss_bytes()
+    parts_import_torch = rss_parts_bytes()
     from sage_core import generate, load_thinker
 
     model = load_thinker(checkpoint, max_resident_experts=max_resident)
@@ -73,7 +91,9 @@ def run_workload(checkpoint: str, max_resident: int | None, prompt: int, decode:
         "peak_rss_import_torch": after_import_torch,
         "peak_rss_after_load": after_load,
         "peak_rss": peak_rss_bytes(),
+        "rss_import_torch": parts_import_torch,
         "rss_at_end": rss_parts_bytes(),
+        "checkpoint_mapped_at_end": mapped_rss_bytes(".safetensors"),
         "generated": tokens[0, prompt:].tolist(),
         "cache": None if cache is None else cache.stats(),
     }

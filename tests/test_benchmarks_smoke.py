@@ -103,6 +103,9 @@ def test_run_config_rows_checks_and_table(toy_checkpoint, tmp_path):
     assert any(
         note.startswith("sage_core prefill with its expert products") for note in result.notes
     )
+    # The RSS floor: the same workload with one resident expert, and what the peak holds.
+    floor = [note for note in result.notes if note.startswith("peak RSS above `import torch`")]
+    assert len(floor) == 1 and "a single resident expert" in floor[0]
     for row in result.rows:
         assert math.isfinite(row.value) and row.value > 0
         assert row.low <= row.value <= row.high
