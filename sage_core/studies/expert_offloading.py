@@ -1286,15 +1286,19 @@ REUSE_FRACTIONS = (0.1, 0.25, 0.5)
 REUSE_LOOKAHEAD_TOKENS = (1, 2, 4)
 
 
-def simulate_reuse_policies(sets, predictor, fractions=REUSE_FRACTIONS, part="scoring"):
+REUSE_ONLINE = (*cache_policy.EXISTING_POLICIES, "layer_aware", "learned")
+
+
+def simulate_reuse_policies(
+    sets, predictor, fractions=REUSE_FRACTIONS, part="scoring", online=REUSE_ONLINE
+):
     """Rows as `simulate_policies` for the existing online policies, the layer-aware and
-    learned policies, Belady seeing 1, 2, 4 tokens ahead (`lookahead_<t>tok`) and Belady,
-    each with `policy_s_per_token`: the policy's own time per token (wall clock of the
-    simulation over the trace's tokens, the bookkeeping included)."""
+    learned policies (`online`), Belady seeing 1, 2, 4 tokens ahead (`lookahead_<t>tok`) and
+    Belady, each with `policy_s_per_token`: the policy's own time per token (wall clock of
+    the simulation over the trace's tokens, the bookkeeping included)."""
     import time
 
     rows = []
-    online = (*cache_policy.EXISTING_POLICIES, "layer_aware", "learned")
     for seed, context, phase, trace in progress(_cells(sets), desc=f"reuse policies ({part})"):
         keys, token_of = access_sequence(trace)
         total = trace.num_experts * len(trace.layers)
@@ -1407,6 +1411,19 @@ def simulate_protection(sets, predictor, fraction: float = 0.25, experts: int | 
     return rows
 
 
+def cell_intervals(rows, value: str, policies, fraction: float) -> dict[str, dict]:
+    """{policy: {(context, phase): t interval over seeds of `value`}} at one cache size, for
+    `interval_table`."""
+    cells = sorted({(r["context"], r["phase"]) for r in rows})
+    return {
+        p: {
+            (c, ph): interval(rows, value, policy=p, fraction=fraction, context=c, phase=ph)
+            for c, ph in cells
+        }
+        for p in policies
+    }
+
+
 def gain_over(rows, fraction: float, arm: str, reference: str) -> dict[tuple[str, str], dict]:
     """{(context, phase): t interval over seeds of the paired hit-rate difference}."""
     cells = sorted({(r["context"], r["phase"]) for r in rows})
@@ -1452,7 +1469,14 @@ def predictor_accuracy(sets, predictor, horizons=(1, 2, 4, 8), stride: int = 4) 
         for phases in traces.values():
             for trace in phases.values():
                 keys, _ = access_sequence(trace)
-                x, y = training_rows(keys, trace.layers, trace.num_experts, predictor.cap, stride)
+                x, y = training_rows(
+                    keys,
+                    trace.layers,
+                    trace.num_experts,
+                    predictor.cap,
+                    stride,
+                    table=predictor.table,
+                )
                 xs.append(x)
                 ys.append(y)
         score = -predictor.predict(np.concatenate(xs))
@@ -1529,12 +1553,45 @@ def fit_default_predictor(model_path=None, out=None) -> Path:
     return predictor.save(out or DEFAULT_PREDICTOR)
 
 
-if __name__ == "__main__":
-    import sys
+def policy_time(seeds=(0, 1, 2), fraction: float = 0.25, repeats: int = 3) -> dict:
+    """The policies' own time per decoded token (simulation over held-out decode traces of
+    `seeds`, bookkeeping included) and as a share of a greedy decode step of the default
+    model, all measured in this one process, interleaved over `repeats` rounds (medians)."""
+    import time
 
-    if sys.argv[1:] != ["fit-predictor"]:
-        sys.exit("usage: python -m sage_core.studies.expert_offloading fit-predictor")
-    print(fit_default_predictor())
+    from sage_core.offload.reuse import default_predictor
+    from sage_core.studies.experiments import load_model
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model, tokenizer, _ = load_model(None, "cpu", "float32")
+    settings = TraceSettings(prompts_per_context=2, prompt_tokens=64, decode_tokens=24)
+    sets = record_trace_sets(model, tokenizer, settings, list(seeds))
+    predictor = default_predictor()
+    traces = [phases["decode"] for traces in sets.values() for phases in traces.values()]
+    names = ("lru", "lfu", "activation", "layer_aware", "learned")
+    times: dict = {n: [] for n in (*names, "decode_step")}
+    for _ in range(repeats):
+        times["decode_step"].append(decode_step_seconds(model, tokenizer, repeats=1))
+        for name in names:
+            options = {"predictor": predictor} if name == "learned" else {}
+            spent, tokens = 0.0, 0
+            for trace in traces:
+                keys, _ = access_sequence(trace)
+                cap = capacities(trace.num_experts * len(trace.layers), [fraction])[0]
+                layers = [int(x) for x in trace.layers]
+                policy = cache_policy.make_policy(name, cap, layers=layers, **options)
+                start = time.perf_counter()
+                cache_policy.simulate(keys, policy)
+                spent += time.perf_counter() - start
+                tokens += trace.num_tokens
+            times[name].append(spent / tokens)
+    out = {n: float(np.median(v)) for n, v in times.items()}
+    return {
+        "decode_step_s": out["decode_step"],
+        "policy_s_per_token": {n: out[n] for n in names},
+        "share_of_step": {n: out[n] / out["decode_step"] for n in names},
+    }
 
 
 REUSE_STYLE = {
@@ -1611,3 +1668,18 @@ def decode_step_seconds(model, tokenizer, tokens: int = 32, repeats: int = 3) ->
         generate(model, prompt, tokens)
         times.append((time.perf_counter() - start) / tokens)
     return float(np.median(times))
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["fit-predictor"]:
+        print(fit_default_predictor())
+    elif sys.argv[1:] == ["policy-time"]:
+        result = policy_time()
+        print(f"decode step {1e3 * result['decode_step_s']:.3f} ms (default model, 1 thread)")
+        for name, s in result["policy_s_per_token"].items():
+            share = result["share_of_step"][name]
+            print(f"{name:>12}: {1e6 * s:8.1f} us per token, {100 * share:6.2f}% of a step")
+    else:
+        sys.exit("usage: python -m sage_core.studies.expert_offloading fit-predictor|policy-time")
