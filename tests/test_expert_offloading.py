@@ -419,3 +419,52 @@ def test_reuse_rows_compare_every_policy_on_the_same_traces():
     assert all(r["hit_rate"] <= belady[r["seed"]] + 1e-12 for r in rows)
     gain = offloading.gain_over(rows, 0.25, "learned", "lru")
     assert set(gain) == {("code", "decode")}
+
+
+def test_markov_prefetch_plan_reads_the_tables_pick_one_token_ahead():
+    from sage_core.offload import reuse
+
+    # 2 layers, 4 experts, k = 1; the table says expert (a + 1) % 4 follows a in layer 0 and
+    # (a + 2) % 4 in layer 1.
+    table = np.zeros((len(reuse.MARKOV_HORIZONS), 2, 4, 4))
+    for a in range(4):
+        table[:, 0, a, (a + 1) % 4] = 0.9
+        table[:, 1, a, (a + 2) % 4] = 0.6
+    experts = np.array([[[0], [1]], [[2], [3]], [[1], [1]]])
+    trace = RoutingTrace(experts, np.full(experts.shape, -1), np.arange(3), np.array([5, 7]), 4)
+    plan = offloading.markov_prefetch_plan(trace, table, 1)
+    # Before token t's first request in layer l (index (t * L + l) * k), from token t - 1.
+    assert plan == {2: [(5, 1)], 3: [(7, 3)], 4: [(5, 3)], 5: [(7, 1)]}
+    assert offloading.markov_prefetch_plan(trace, table, 1, min_probability=0.7) == {
+        2: [(5, 1)],
+        3: [],
+        4: [(5, 3)],
+        5: [],
+    }
+
+
+def test_protection_rows_count_reads_and_read_aheads():
+    from sage_core.offload import reuse
+
+    rng = np.random.default_rng(0)
+    experts = np.stack([rng.choice(8, size=(2, 2), replace=False) for _ in range(30)])
+    trace = RoutingTrace(
+        experts, rng.integers(0, 8, size=(30, 2, 2)), np.arange(30), np.array([0, 1]), 8
+    )
+    table = reuse.cooccurrence_table([experts], 8)
+    keys, _ = offloading.access_sequence(trace)
+    x, y = reuse.training_rows(keys, [0, 1], 8, cap=8.0, table=table)
+    predictor = reuse.ReusePredictor.fit(x, y, 2, 8, 8.0, table=table)
+    sets = {s: {"code": {"decode": trace}} for s in (0, 1)}
+    rows = offloading.simulate_protection(sets, predictor, 0.25)
+    assert {r["policy"] for r in rows} == set(offloading.PROTECTION_ARMS)
+    by = {r["policy"]: r for r in rows if r["seed"] == 0}
+    assert (
+        by["learned"]["prefetched_per_token"] == by["learned_protect"]["prefetched_per_token"] == 0
+    )
+    assert by["learned_prefetch"]["prefetched_per_token"] > 0
+    misses = (1 - by["learned_prefetch"]["hit_rate"]) * keys.shape[0] / 30
+    reads = misses + by["learned_prefetch"]["prefetched_per_token"]
+    assert by["learned_prefetch"]["experts_read_per_token"] == pytest.approx(reads)
+    cells = offloading.cell_intervals(rows, "hit_rate", ["learned", "lru"], 0.25)
+    assert set(cells) == {"learned", "lru"} and set(cells["lru"]) == {("code", "decode")}
