@@ -284,3 +284,33 @@ def test_the_learned_policy_runs_in_the_real_cache_hit_for_hit_and_logits_never_
         sim = cp.simulate(keys, cp.make_policy(policy, CAPACITY, layers=layers))
         assert (model.expert_cache.hits, model.expert_cache.misses) == (sim.hits.sum(), sim.misses)
         assert model.expert_cache.stats()["policy"] == policy
+
+
+def test_cache_aware_keep_top_never_swaps_the_top_choice_and_budget_spends_on_the_tail():
+    model = load_thinker(MODEL, max_resident_experts=CAPACITY)
+    cache = model.expert_cache
+    for layer in (0, 1):
+        for e in (1, 2, 5, 6):
+            cache.get((layer, e), lambda: ("w", 1))
+    logits = torch.full((1, 32), -5.0)
+    logits[0, :4] = torch.tensor([3.0, 2.9, 2.8, 1.0])  # experts 0 and 3 are not resident
+    logits[0, 5], logits[0, 6] = 0.95, 0.9  # resident, unchosen
+    hidden = torch.zeros(1, 128)
+    # Unlimited, threshold 2.5: both uncached slots go to residents, the top-1 included.
+    indices, _ = CacheAwareSelector(model, 2.5)(logits, 0, hidden)
+    assert indices[0].tolist() == [5, 1, 2, 6]
+    # keep_top=1: the top-1 stays; the tail slot takes the best resident.
+    selector = CacheAwareSelector(model, 2.5, keep_top=1)
+    indices, weights = selector(logits, 0, hidden)
+    assert indices[0].tolist() == [0, 1, 2, 5] and selector.swapped == 1
+    assert torch.allclose(weights.sum(), torch.tensor(1.0))
+    # budget=1 per token and forward, top-1 allowed: the tail slot (expert 3) spends it.
+    selector = CacheAwareSelector(model, 2.5, budget=1)
+    indices, _ = selector(logits, 0, hidden)
+    assert indices[0].tolist() == [0, 1, 2, 5]
+    indices, _ = selector(logits, 1, hidden)  # same forward, next layer: budget spent
+    assert indices[0].tolist() == [0, 1, 2, 3] and selector.swapped == 1
+    indices, _ = selector(logits, 0, hidden)  # next forward: a fresh budget
+    assert indices[0].tolist() == [0, 1, 2, 5] and selector.swapped == 2
+    with pytest.raises(ValueError, match="budget"):
+        CacheAwareSelector(model, 0.1, budget=-1)

@@ -15,6 +15,12 @@ nothing about how it scores experts, so they compose with whatever chooses exper
   excludes experts (trust's rule "exclude": it has `excluded(layer_idx, context)` and a
   `context`, one name or one per sequence), a swap never takes an excluded expert: the
   cache must not bring back what trust removed.
+
+  Two limits keep a swap inside the router's uncertain tail: `keep_top` (the slots with the
+  `keep_top` highest router logits, top-1 for 1, are never swapped) and `budget` (at most
+  that many swaps per token over all sparse layers of one forward). With either set, each
+  token's slots are considered from its lowest router logit up, so a budget is spent on
+  the tail first; with neither, slot by slot as before.
 """
 
 from __future__ import annotations
@@ -68,10 +74,16 @@ class NextLayerPrefetch:
 class CacheAwareSelector:
     """Selector wrapper swapping uncached choices for resident near-ties (see module doc)."""
 
-    def __init__(self, model, threshold: float, inner=None):
+    def __init__(self, model, threshold: float, inner=None, keep_top: int = 0, budget=None):
         if not isinstance(threshold, int | float) or threshold < 0:
             raise ValueError(f"threshold must be a number >= 0 (router logits), got {threshold!r}")
-        _on_demand_blocks(model)
+        for name, value in (("keep_top", keep_top), ("budget", 0 if budget is None else budget)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        blocks = _on_demand_blocks(model)
+        self.keep_top, self.budget = keep_top, budget
+        self._first_layer = min(blocks)
+        self._spent = None  # swaps per token row in the current forward (with a budget)
         self.cache = model.expert_cache
         self.threshold = float(threshold)
         self.inner = inner or _default_inner(model)
@@ -123,17 +135,34 @@ class CacheAwareSelector:
         excluded = self.excluded_rows(layer_idx, logits.shape[0], logits.device)
         allowed = resident if excluded is None else resident & ~excluded
         rows = torch.arange(indices.shape[0], device=indices.device)
-        for j in range(indices.shape[1]):
-            mine = logits[rows, indices[:, j]]
+        k = indices.shape[1]
+        limited = self.keep_top > 0 or self.budget is not None
+        if limited:
+            # Slots from the lowest router logit up; the top `keep_top` are never visited.
+            order = torch.argsort(logits[rows[:, None], indices], dim=1, stable=True)
+            if self.budget is not None and (
+                layer_idx == self._first_layer
+                or self._spent is None
+                or self._spent.shape[0] != rows.shape[0]
+            ):
+                self._spent = torch.zeros(rows.shape[0], dtype=torch.long, device=rows.device)
+        for step in range(k - self.keep_top if limited else k):
+            j = order[:, step] if limited else torch.full_like(rows, step)
+            mine = logits[rows, indices[rows, j]]
             alternatives = torch.where(allowed & ~chosen, logits, -torch.inf)
             best, alt = alternatives.max(dim=1)
-            swap = ~resident[indices[:, j]] & (mine - best <= self.threshold)
+            swap = ~resident[indices[rows, j]] & (mine - best <= self.threshold)
+            if self.budget is not None:
+                swap &= self._spent < self.budget
             if swap.any():
-                chosen[rows[swap], indices[swap, j]] = False
-                chosen[rows[swap], alt[swap]] = True
-                indices[swap, j] = alt[swap]
-                scale[swap, j] = torch.exp(best[swap] - mine[swap])
+                r, js = rows[swap], j[swap]
+                chosen[r, indices[r, js]] = False
+                chosen[r, alt[swap]] = True
+                indices[r, js] = alt[swap]
+                scale[r, js] = torch.exp(best[swap] - mine[swap])
                 self.swapped += int(swap.sum())
+                if self.budget is not None:
+                    self._spent += swap.long()
         new = weights.float() * scale
         new = new * (weights.float().sum(1, keepdim=True) / new.sum(1, keepdim=True))
         return indices, new.to(weights.dtype)
