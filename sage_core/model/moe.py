@@ -192,16 +192,35 @@ def gathered_expert_mix(x, indices, weights, experts: ResidentExperts) -> torch.
     return (y * weights[..., None]).sum(dim=1)  # (T, H)
 
 
+# Rows of an expert's weight matrix summed together first in the compiled decode step's
+# products (then the blocks are summed). Inductor then reads a block of rows, each row
+# contiguous in the stored (transposed) stacks, whole before the next: every expert's
+# weights stream through memory once. One reduction over all rows walked them a column
+# chunk at a time, slower than the eager path's BLAS call once an expert outgrows the
+# cache (the mid config); 32 was the fastest of 16/32/64/128 there.
+REDUCE_BLOCK = 32
+
+
+def _blocked_matvec(x, w):
+    """x (T, k, K) . w (T, k, K, N) -> (T, k, N), the sum over K taken in blocks."""
+    T, k, K, N = w.shape
+    block = REDUCE_BLOCK if K % REDUCE_BLOCK == 0 else K
+    products = w.reshape(T, k, K // block, block, N) * x.reshape(T, k, K // block, block, 1)
+    return products.sum(-2).sum(-2)  # (T, k, K / block, N) -> (T, k, N)
+
+
 def gathered_expert_mix_reduce(x, indices, weights, experts: ResidentExperts) -> torch.Tensor:
     """gathered_expert_mix written as broadcast products and sums, for the compiled decode
-    step: inductor fuses the gather into the reduction loops (each expert's weights are
-    read in place, never copied out), where an einsum lowers to a batched product over
-    gathered copies whose flattened (k x 2I) dimension its CPU code cannot vectorise.
-    Eagerly it materialises the products (T, k, 2I, H): for a step of a few tokens only."""
-    gate_up = experts.gate_up_proj[indices]  # (T, k, 2I, H)
-    down = experts.down_proj[indices]  # (T, k, H, I)
-    gate, up = (gate_up * x[:, None, None, :]).sum(-1).chunk(2, dim=-1)  # each (T, k, I)
-    y = (down * (F.silu(gate) * up)[:, :, None, :]).sum(-1)  # (T, k, H)
+    step: inductor fuses the gather into the reduction loops (each chosen expert's weights
+    are read in place, never copied out), where an einsum lowers to a batched product over
+    gathered copies. Eagerly it materialises the products (T, k, H, 2I): for a step of a
+    few tokens only."""
+    T, k = indices.shape
+    gate_up = experts.gate_up_proj.transpose(1, 2)[indices]  # (T, k, H, 2I)
+    down = experts.down_proj.transpose(1, 2)[indices]  # (T, k, I, H)
+    h = _blocked_matvec(x[:, None, :].expand(T, k, x.shape[-1]), gate_up)  # (T, k, 2I)
+    gate, up = h.chunk(2, dim=-1)  # each (T, k, I)
+    y = _blocked_matvec(F.silu(gate) * up, down)  # (T, k, H)
     return (y * weights[..., None]).sum(dim=1)  # (T, H)
 
 
