@@ -468,3 +468,21 @@ def test_protection_rows_count_reads_and_read_aheads():
     assert by["learned_prefetch"]["experts_read_per_token"] == pytest.approx(reads)
     cells = offloading.cell_intervals(rows, "hit_rate", ["learned", "lru"], 0.25)
     assert set(cells) == {"learned", "lru"} and set(cells["lru"]) == {("code", "decode")}
+
+
+def test_swap_summary_pairs_each_arm_with_the_reference_per_seed():
+    rows = [
+        {"seed": s, "arm": a, "experts_read_per_token": r, "perplexity": p, "swapped_per_token": w}
+        for s, a, r, p, w in [
+            (0, "ref", 10.0, 2.0, 0.0),
+            (1, "ref", 12.0, 3.0, 0.0),
+            (0, "tail", 5.0, 2.02, 1.0),
+            (1, "tail", 8.0, 3.03, 2.0),
+        ]
+    ]
+    out = offloading.swap_summary(rows, "ref")
+    assert out["ref"]["fewer_reads"]["mean"] == 1.0
+    assert out["tail"]["fewer_reads"]["mean"] == pytest.approx((2.0 + 1.5) / 2)
+    assert out["tail"]["perplexity_cost"]["mean"] == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="seeds"):
+        offloading.swap_summary(rows[:3], "ref")

@@ -669,14 +669,14 @@ def bounded_cache_model(model_path, capacity: int, policy: str, device="cpu", dt
     ).eval()
 
 
-def scoring_windows(tokenizer, seed: int, count: int, length: int, corpus=None):
-    """[(context, window)]: `count` windows of `length` tokens per context from the scoring
-    documents, drawn for `seed`."""
+def scoring_windows(tokenizer, seed: int, count: int, length: int, corpus=None, part="scoring"):
+    """[(context, window)]: `count` windows of `length` tokens per context from the `part`
+    documents (scoring by default), drawn for `seed`."""
     corpus = corpus or load_corpus()
     return [
         (c, w)
         for c in CONTEXTS
-        for w in heldout_windows(tokenizer, c, count, length, seed, corpus, "scoring")
+        for w in heldout_windows(tokenizer, c, count, length, seed, corpus, part)
     ]
 
 
@@ -715,6 +715,120 @@ def cache_aware_frontier(
                 "swapped_per_token": selector.swapped / run["tokens"],
                 "tokens": run["tokens"],
             }
+        )
+    return rows
+
+
+@dataclass(frozen=True)
+class SwapArm:
+    """One arm of the tail-swap frontier: a cache policy and a `CacheAwareSelector`'s
+    threshold (router logits; 0 is the router itself), `keep_top` and per-token `budget`."""
+
+    name: str
+    policy: str = "lru"
+    threshold: float = 0.0
+    keep_top: int = 0
+    budget: int | None = None
+
+
+def swap_frontier(
+    model_path,
+    tokenizer,
+    arms,
+    seeds,
+    capacity: int,
+    window_tokens: int = 32,
+    part: str = "scoring",
+    device="cpu",
+    dtype="float32",
+) -> list[dict]:
+    """One row per (seed, arm): perplexity, experts read per token and swaps per token,
+    teacher-forced one token at a time through a fresh bounded cache on one window per
+    context of the `part` documents drawn for the seed."""
+    rows = []
+    corpus = load_corpus()
+    windows = {
+        s: [w for _, w in scoring_windows(tokenizer, s, 1, window_tokens, corpus, part)]
+        for s in seeds
+    }
+    for seed, arm in progress([(s, a) for s in seeds for a in arms], desc="tail swaps"):
+        model = bounded_cache_model(model_path, capacity, arm.policy, device, dtype)
+        selector = CacheAwareSelector(
+            model, arm.threshold, keep_top=arm.keep_top, budget=arm.budget
+        )
+        model.set_selector(selector)
+        run = teacher_forced_run(model, windows[seed])
+        rows.append(
+            {
+                "seed": seed,
+                "arm": arm.name,
+                "perplexity": float(2.0 ** run["bits"].mean()),
+                "experts_read_per_token": run["misses"] / run["tokens"],
+                "swapped_per_token": selector.swapped / run["tokens"],
+                "tokens": run["tokens"],
+            }
+        )
+    return rows
+
+
+def swap_summary(rows, reference: str) -> dict[str, dict]:
+    """{arm: t intervals over seeds, paired with `reference` on the same seed, of the factor
+    by which reads fall ("fewer_reads": reference reads / arm reads), the relative
+    perplexity change ("perplexity_cost") and swaps per token}."""
+    base = {r["seed"]: r for r in rows if r["arm"] == reference}
+    out = {}
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        mine = [r for r in rows if r["arm"] == arm]
+        if {r["seed"] for r in mine} != set(base):
+            raise ValueError(f"{arm}: seeds differ from {reference}'s")
+        out[arm] = {
+            "fewer_reads": t_interval(
+                [
+                    base[r["seed"]]["experts_read_per_token"] / r["experts_read_per_token"]
+                    for r in mine
+                ]
+            ),
+            "perplexity_cost": t_interval(
+                [r["perplexity"] / base[r["seed"]]["perplexity"] - 1 for r in mine]
+            ),
+            "swapped_per_token": t_interval([r["swapped_per_token"] for r in mine]),
+        }
+    return out
+
+
+TAIL_SWAP_ARMS = (  # the notebook's arms; threshold, keep_top and budgets from `tune_swaps`
+    SwapArm("router, lru", "lru"),
+    SwapArm("router, learned", "learned"),
+    SwapArm("tail b2, learned", "learned", 1.0, 1, 2),
+    SwapArm("tail b4, learned", "learned", 1.0, 1, 4),
+)
+SWAP_TUNING_SEEDS = (1000, 1001, 1002, 1003)
+
+
+def tune_swaps(capacity: int = 32, window_tokens: int = 32) -> list[dict]:
+    """The grid the tail-swap arms were chosen from, on windows of the *selection*
+    documents of tuning seeds (never the scoring documents the notebook reports):
+    thresholds 1, 2, 4 x budgets 2, 4, 8, keep_top 1, on the learned policy. Prints the
+    summary against the router with LRU; returns the rows."""
+    from sage_core.studies.experiments import load_model
+    from sage_core.studies.statistics import format_interval
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    _, tokenizer, _ = load_model(None, "cpu", "float32")
+    arms = [SwapArm("router, lru", "lru"), SwapArm("router, learned", "learned")]
+    arms += [
+        SwapArm(f"t{t:g} b{b}, learned", "learned", t, 1, b)
+        for t in (1.0, 2.0, 4.0)
+        for b in (2, 4, 8)
+    ]
+    rows = swap_frontier(
+        None, tokenizer, arms, SWAP_TUNING_SEEDS, capacity, window_tokens, part="selection"
+    )
+    for arm, s in swap_summary(rows, "router, lru").items():
+        print(
+            f"{arm:>18}: fewer reads {format_interval(s['fewer_reads'], spec='.3f')}; "
+            f"perplexity cost {format_interval(s['perplexity_cost'], 100, '+.2f', '%')}"
         )
     return rows
 
@@ -1675,6 +1789,8 @@ if __name__ == "__main__":
 
     if sys.argv[1:] == ["fit-predictor"]:
         print(fit_default_predictor())
+    elif sys.argv[1:] == ["tune-swaps"]:
+        tune_swaps()
     elif sys.argv[1:] == ["policy-time"]:
         result = policy_time()
         print(f"decode step {1e3 * result['decode_step_s']:.3f} ms (default model, 1 thread)")
@@ -1682,4 +1798,7 @@ if __name__ == "__main__":
             share = result["share_of_step"][name]
             print(f"{name:>12}: {1e6 * s:8.1f} us per token, {100 * share:6.2f}% of a step")
     else:
-        sys.exit("usage: python -m sage_core.studies.expert_offloading fit-predictor|policy-time")
+        sys.exit(
+            "usage: python -m sage_core.studies.expert_offloading "
+            "fit-predictor|policy-time|tune-swaps"
+        )
