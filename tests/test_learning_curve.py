@@ -185,3 +185,28 @@ def test_the_committed_curve_records_match_the_notebook_defaults():
         **{k: v for k, v in learning_curve.DEFAULTS.items() if k != "num_seeds"},
     )
     assert stored == json.loads(json.dumps(want))
+
+
+
+def test_true_ranking_verifies_broken_cells_first_in_the_attribution_order():
+    # Layer 0 of one context, 6 experts: 1 and 4 broken. Scores (the attribution arm's:
+    # measured mean after two ablations, else estimated): 5: 0.9, 4: 0.5, 2: 0.4, 1: 0.3.
+    table = TrustTable([0], ["c"], 6)
+    learner = trust_runs.TrueRankingLearner(table, {"c": {0: [1, 4]}}, 3)
+    for e, harm in ((5, 0.9), (4, 0.5), (2, 0.4), (1, 0.9)):
+        learner.estimates.record_harm(0, "c", e, harm)
+    for harm in (0.2, 0.4):
+        table.record_harm(0, "c", 1, harm)
+    plain = trust_runs.AttributionLearner(table, 3)
+    plain.estimates = learner.estimates
+    candidates = torch.ones(1, 6, dtype=torch.bool)
+    assert plain.choose_cells("c", candidates) == [(0, 5), (0, 4), (0, 2)]
+    # broken cells first, in that order (4 before 1), then healthy ones (5)
+    assert learner.choose_cells("c", candidates) == [(0, 4), (0, 1), (0, 5)]
+    # a broken cell already shown harmful is not verified again
+    decided = torch.tensor([[False, False, False, False, True, False]])
+    assert learner.choose_cells("c", candidates, decided) == [(0, 1), (0, 5), (0, 2)]
+    # no broken cells known: the attribution order alone
+    blind = trust_runs.TrueRankingLearner(table, {}, 3)
+    blind.estimates = learner.estimates
+    assert blind.choose_cells("c", candidates) == plain.choose_cells("c", candidates)

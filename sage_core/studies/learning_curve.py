@@ -95,18 +95,48 @@ def parameters_of(seeds, settings, **kwargs) -> dict:
     return {"seeds": list(seeds), "settings": dataclasses.asdict(settings), **kwargs}
 
 
-def load_or_evaluate(model, tokenizer, seeds, settings, path=TABLE, **kwargs):
+def load_or_evaluate(
+    model, tokenizer, seeds, settings, path=TABLE, evaluator=None, **kwargs
+):
     """(records, source): the committed records when they were computed with these
-    parameters (`parameters_of`), else `evaluate` now. Regenerate the committed ones with
-    `python -m sage_core.studies.learning_curve` after any change to the arms' code."""
+    parameters (`parameters_of`), else `evaluator` (default `evaluate`) now. Regenerate
+    the committed ones with `python -m sage_core.studies.learning_curve` (and
+    `--true-ranking` for `evaluate_true_ranking`) after any change to the arms' code."""
     want = parameters_of(seeds, settings, **{k: v for k, v in kwargs.items() if k != "workers"})
     path = Path(path)
     if path.is_file():
         stored = json.loads(path.read_text())
         if stored["parameters"] == json.loads(json.dumps(want)):
             return stored["records"], f"read from {path.name} (computed with these parameters)"
-    records = evaluate(model, tokenizer, seeds, settings=settings, **kwargs)
+    records = (evaluator or evaluate)(model, tokenizer, seeds, settings=settings, **kwargs)
     return json.loads(json.dumps(records, default=float)), "computed now"
+
+
+TRUE_RANKING_TABLE = TABLES / "05_true_ranking.json"
+TRUE_RANKING_ARMS = ("router", "oracle", "attribution", "attribution_true_ranking")
+
+
+def evaluate_true_ranking(
+    model, tokenizer, seeds, num_windows: int, settings=None, workers: int = 1, **kwargs
+) -> dict[str, list[dict]]:
+    """The attribution arm beside `trust_runs.TrueRankingLearner` (the same verification
+    and rule to exclude, the broken cells verified first) on `BROKEN`, at the curve's
+    checkpoints: how much of the attribution arm's shortfall at a budget a better
+    estimate of harm could remove. Returns {"curve": rows, "exclusion_curve": rows}."""
+    kwargs.pop("no_harm_multiple", None)
+    out = trust_runs.run_arms(
+        model,
+        tokenizer,
+        seeds,
+        TRUE_RANKING_ARMS,
+        settings or trust_runs.ArmSettings(),
+        num_windows=num_windows,
+        breakage_spec=BROKEN,
+        desc="true ranking",
+        workers=workers,
+        **kwargs,
+    )
+    return {name: out[name] for name in ("curve", "exclusion_curve")}
 
 
 def main(argv=None) -> int:
@@ -121,17 +151,24 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=tuning.EVALUATION_SEED)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--out", default=str(TABLE))
+    parser.add_argument(
+        "--true-ranking",
+        action="store_true",
+        help=f"run evaluate_true_ranking instead (default --out {TRUE_RANKING_TABLE.name})",
+    )
+    parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    out = args.out or (TRUE_RANKING_TABLE if args.true_ranking else TABLE)
+    evaluator = evaluate_true_ranking if args.true_ranking else evaluate
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     model, tokenizer, _ = experiments.load_model()
     seeds = list(range(args.seed, args.seed + DEFAULTS["num_seeds"]))
     settings = trust_runs.ArmSettings()
     kwargs = {k: v for k, v in DEFAULTS.items() if k != "num_seeds"}
-    records = evaluate(model, tokenizer, seeds, settings=settings, workers=args.workers, **kwargs)
+    records = evaluator(model, tokenizer, seeds, settings=settings, workers=args.workers, **kwargs)
     payload = {"parameters": parameters_of(seeds, settings, **kwargs), "records": records}
-    atomic_write_json(args.out, payload, indent=None, default=float)
+    atomic_write_json(out, payload, indent=None, default=float)
     return 0
 
 

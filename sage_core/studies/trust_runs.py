@@ -68,6 +68,7 @@ ARMS = (
     "report",
     "learned_bias",
     "attribution",
+    "attribution_true_ranking",
 )
 POOLED = "any"  # the one context of context-free trust
 KINDS = ("noise", "sign_flip", "int2", "int3", "int4", "float8")
@@ -281,6 +282,29 @@ def budget_of(num_windows: int, settings: ArmSettings) -> int:
     return num_windows * (1 + settings.ablations_per_window)
 
 
+class TrueRankingLearner(AttributionLearner):
+    """`AttributionLearner` told which cells are broken (`broken` {context: {layer:
+    [experts]}}): it verifies broken cells first, in the attribution arm's own order
+    (harm measured so far, else estimated), healthy cells only when no broken one is left
+    to verify. The same verification and the same rule to exclude: its recovery at a
+    budget is what a perfect broken-or-healthy classifier on top of the estimate would
+    buy there; what it still lacks is the cost of verifying."""
+
+    def __init__(self, table: TrustTable, broken: dict, *verification):
+        super().__init__(table, *verification)
+        self.broken = broken
+
+    def choose_cells(self, context, candidates, decided=None):
+        if decided is None:
+            decided = self.decided(context)
+        truth = torch.zeros_like(candidates)
+        for li, layer in enumerate(self.table.layers):
+            truth[li, self.broken.get(context, {}).get(layer, [])] = True
+        first = super().choose_cells(context, candidates & truth & ~decided, decided)
+        rest = super().choose_cells(context, candidates & ~truth, decided)
+        return (first + rest)[: self.ablations_per_window]
+
+
 class Arms:
     """The learning arms of one seed, each trained on one stream of windows to a common
     compute budget (`train_to`). An arm takes steps of known maximal cost and stops before
@@ -324,12 +348,15 @@ class Arms:
                     model, table, rule="bias", beta=s.beta
                 )
                 self.learners[arm] = TrustLearner(table, s.learning_rate, s.baseline_momentum)
-            elif arm == "attribution":
+            elif arm.startswith("attribution"):
                 table = TrustTable.for_model(model, CONTEXTS)
                 self.selectors[arm] = TrustSelector.for_model(model, table, rule="exclude", **top)
-                self.learners[arm] = AttributionLearner(
-                    table, s.verify_per_window, s.harm_alpha, s.min_ablations
-                )
+                verification = (s.verify_per_window, s.harm_alpha, s.min_ablations)
+                if arm == "attribution":
+                    self.learners[arm] = AttributionLearner(table, *verification)
+                else:
+                    broken = breakage.broken_by_context() if breakage else {}
+                    self.learners[arm] = TrueRankingLearner(table, broken, *verification)
             elif arm == "report":
                 table = TrustTable.for_model(model, CONTEXTS, prior=REPORT_PRIOR)
                 self.selectors[arm] = TrustSelector.for_model(model, table, rule="report")
@@ -345,7 +372,7 @@ class Arms:
             return 1 + s.ablations_per_window
         if arm == "learned_bias":
             return forward_equivalents(s.bias_batch, s.bias_batch)
-        if arm == "attribution":
+        if arm.startswith("attribution"):
             batch = s.attribution_batch
             return forward_equivalents(batch * (1 + s.verify_per_window), batch)
         if arm in ("routing_weighted", "report"):
@@ -396,7 +423,7 @@ class Arms:
             ):
                 learner.update(self.model, window.prompt, window.continuation, key)
             passes["forward"] += learner.sequence_forwards - before
-        elif arm == "attribution":
+        elif arm.startswith("attribution"):
             windows = self._take(arm, stream, s.attribution_batch)
             learner = self.learners[arm]
             forwards, backwards = learner.sequence_forwards, learner.sequence_backwards
@@ -583,7 +610,12 @@ def run_seed(
     }
 
 
-EXCLUDING_ARMS = ("counterfactual", "counterfactual_context_free", "attribution")
+EXCLUDING_ARMS = (
+    "counterfactual",
+    "counterfactual_context_free",
+    "attribution",
+    "attribution_true_ranking",
+)
 
 
 def _excluding_arms(trained: Arms, breakage):
