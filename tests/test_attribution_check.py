@@ -1,6 +1,8 @@
 """The estimator study's instruments (sage_core.studies.attribution_check): frozen routing
 and the path-corrected estimates."""
 
+import math
+
 import pytest
 import torch
 from checkpoints import toy_config
@@ -97,7 +99,9 @@ def test_summary_of_path_corrections_and_frozen_routing_by_hand():
         {
             "seed": 0,
             "window": 0,
+            "context": "code",
             "layer": 0,
+            "expert": expert,
             "broken": b,
             "estimate": est,
             "truth": true,
@@ -105,11 +109,13 @@ def test_summary_of_path_corrections_and_frozen_routing_by_hand():
             "estimate_ig": ig,
             "estimate_midpoint": mid,
         }
-        for b, est, true, smooth, ig, mid in (
-            (True, 0.3, 0.2, 0.25, 0.21, 0.3),
-            (True, -0.1, 0.1, -0.05, 0.09, 0.1),
-            (False, 0.2, -0.1, 0.1, -0.12, 0.2),
-            (False, -0.2, -0.3, -0.2, -0.31, -0.2),
+        for expert, (b, est, true, smooth, ig, mid) in enumerate(
+            (
+                (True, 0.3, 0.2, 0.25, 0.21, 0.3),
+                (True, -0.1, 0.1, -0.05, 0.09, 0.1),
+                (False, 0.2, -0.1, 0.1, -0.12, 0.2),
+                (False, -0.2, -0.3, -0.2, -0.31, -0.2),
+            )
         )
     ]
     s = attribution_check.summary(cells)
@@ -123,6 +129,31 @@ def test_summary_of_path_corrections_and_frozen_routing_by_hand():
     assert s["sign_right_on_broken"] == 0.5 and s["broken_called_harmful"] == 0.5
     assert s["cells"] == 4 and s["broken_cells"] == 2
     assert s["broken_share_of_top2"] == 0.5  # top 2 by estimate: 0.3 (broken), 0.2 (healthy)
+
+
+def test_within_cell_correlation_by_hand():
+    def cell(context, expert, window, estimate, truth):
+        return (
+            {"seed": 0, "context": context, "layer": 1, "expert": expert},
+            window,
+            estimate,
+            truth,
+        )
+
+    rows = [
+        cell("code", 0, 0, 0.1, 0.0),
+        cell("code", 0, 1, 0.3, 0.4),  # cell means removed: (-0.1, 0.1) vs (-0.2, 0.2)
+        cell("text", 5, 0, 11.0, 0.0),
+        cell("text", 5, 1, 10.0, 0.2),  # (0.5, -0.5) vs (-0.1, 0.1)
+        cell("code", 7, 0, 9.0, -9.0),  # expert 7: one window per context, no pair
+        cell("text", 7, 1, -9.0, 9.0),
+    ]
+    cells = [{**c, "window": w, "estimate": e, "truth": t} for c, w, e, t in rows]
+    # sum g t = -0.06, sum g^2 = 0.52, sum t^2 = 0.10
+    assert attribution_check.within_cell_correlation(cells) == pytest.approx(
+        -0.06 / math.sqrt(0.052)
+    )
+    assert math.isnan(attribution_check.within_cell_correlation(cells[4:]))
 
 
 def test_cost_row_by_hand():
