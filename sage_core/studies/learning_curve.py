@@ -95,9 +95,7 @@ def parameters_of(seeds, settings, **kwargs) -> dict:
     return {"seeds": list(seeds), "settings": dataclasses.asdict(settings), **kwargs}
 
 
-def load_or_evaluate(
-    model, tokenizer, seeds, settings, path=TABLE, evaluator=None, **kwargs
-):
+def load_or_evaluate(model, tokenizer, seeds, settings, path=TABLE, evaluator=None, **kwargs):
     """(records, source): the committed records when they were computed with these
     parameters (`parameters_of`), else `evaluator` (default `evaluate`) now. Regenerate
     the committed ones with `python -m sage_core.studies.learning_curve` (and
