@@ -187,7 +187,6 @@ def test_the_committed_curve_records_match_the_notebook_defaults():
     assert stored == json.loads(json.dumps(want))
 
 
-
 def test_true_ranking_verifies_broken_cells_first_in_the_attribution_order():
     # Layer 0 of one context, 6 experts: 1 and 4 broken. Scores (the attribution arm's:
     # measured mean after two ablations, else estimated): 5: 0.9, 4: 0.5, 2: 0.4, 1: 0.3.
