@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from sage_core.offload.timeline import decode_timeline
+from sage_core.offload.timeline import decode_timeline, layer_reads
 
 
 def test_without_transfers_a_token_is_its_compute():
@@ -56,3 +56,25 @@ def test_bad_inputs_are_named(demand, ahead, match):
         decode_timeline(demand, ahead, 1.0, 1.0, 1.0)
     with pytest.raises(ValueError, match="transfer_s"):
         decode_timeline(np.zeros((1, 2)), np.zeros((1, 2)), 1.0, 1.0, float("nan"))
+
+
+def test_layer_reads_count_misses_and_read_aheads_per_token_and_layer():
+    from sage_core.offload import cache_policy
+    from sage_core.offload.expert_trace import RoutingTrace, access_sequence, prefetch_plan
+
+    experts = np.array([[[0, 1], [2, 3]], [[0, 1], [2, 4]], [[5, 1], [2, 3]]])  # (3, 2, 2)
+    predicted = np.array([[[-1, -1], [2, 4]], [[-1, -1], [2, 4]], [[-1, -1], [3, 0]]])
+    trace = RoutingTrace(experts, predicted, np.arange(3), np.array([0, 1]), num_experts=6)
+    keys, _ = access_sequence(trace)
+    sim = cache_policy.simulate(
+        keys, cache_policy.make_policy("lru", 8), prefetch=prefetch_plan(trace)
+    )
+    demand, ahead = layer_reads(trace, sim)
+    # token 0: layer 0 misses 0, 1; layer 1 reads 2, 4 ahead, then misses 3
+    # token 1: all resident; token 2: layer 0 misses 5, layer 1 reads (1, 3) ahead... 3 is
+    # resident, (1, 0) is read ahead; 2 and 3 hit
+    assert demand.tolist() == [[2, 1], [0, 0], [1, 0]]
+    assert ahead.tolist() == [[0, 2], [0, 0], [0, 1]]
+    assert int(demand.sum() + ahead.sum()) == sim.experts_read
+    with pytest.raises(ValueError, match="token by token"):
+        layer_reads(trace, cache_policy.simulate(keys[:4], cache_policy.make_policy("lru", 8)))

@@ -241,6 +241,7 @@ class Simulation:
     prefetch_used: int = 0  # of those, hit by a demand access before being evicted
     wasted: int = 0  # read ahead and evicted without being used
     left_unused: int = 0  # read ahead, still resident and unused at the end
+    ahead_reads: np.ndarray | None = None  # (A,) int: experts read ahead just before access i
 
     @property
     def accesses(self) -> int:
@@ -277,6 +278,7 @@ def simulate(keys, policy, prefetch=None) -> Simulation:
     resident: set = set()
     unused_prefetch: set = set()
     hits = np.zeros(len(keys), dtype=bool)
+    ahead_reads = np.zeros(len(keys), dtype=np.int64)
     counts = {"prefetched": 0, "prefetch_used": 0, "wasted": 0, "left_unused": 0}
 
     admits = getattr(policy, "admits_prefetch", lambda key: True)
@@ -298,6 +300,7 @@ def simulate(keys, policy, prefetch=None) -> Simulation:
                 admit(ahead, ahead=True)
                 unused_prefetch.add(ahead)
                 counts["prefetched"] += 1
+                ahead_reads[i] += 1
         if key in resident:
             hits[i] = True
             policy.touch(key)
@@ -307,7 +310,7 @@ def simulate(keys, policy, prefetch=None) -> Simulation:
         else:
             admit(key)
     counts["left_unused"] = len(unused_prefetch)
-    return Simulation(policy.name, policy.capacity, hits, **counts)
+    return Simulation(policy.name, policy.capacity, hits, **counts, ahead_reads=ahead_reads)
 
 
 def lru_stack_distances(keys) -> np.ndarray:

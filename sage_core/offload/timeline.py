@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from sage_core.offload.cache_policy import Simulation
+from sage_core.offload.expert_trace import RoutingTrace
+
 EVENT_KINDS = ("attention", "demand", "ahead", "experts", "stall")
 
 
@@ -92,3 +95,20 @@ def decode_timeline(demand, ahead, attention_s: float, experts_s: float, transfe
         "stall_s": stall,
         "events": events,
     }
+
+
+def layer_reads(trace: RoutingTrace, simulation: Simulation) -> tuple[np.ndarray, np.ndarray]:
+    """((T, L) demand reads, (T, L) read-aheads) of a simulation run on
+    `access_sequence(trace)` (token by token), in `decode_timeline`'s layout. A read-ahead
+    made just before one of layer l's requests counts for layer l."""
+    T, L, k = trace.experts.shape
+    if simulation.hits.shape != (T * L * k,):
+        raise ValueError(
+            f"simulation of {simulation.hits.size} requests, trace of {T} tokens x {L} layers "
+            f"x {k} slots: simulate access_sequence(trace) (token by token)"
+        )
+    if simulation.ahead_reads is None:
+        raise ValueError(f"{simulation.policy}: the simulation does not record its read-aheads")
+    demand = (~simulation.hits).reshape(T, L, k).sum(2)
+    ahead = simulation.ahead_reads.reshape(T, L, k).sum(2)
+    return demand, ahead
