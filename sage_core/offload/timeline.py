@@ -32,20 +32,22 @@ EVENT_KINDS = ("attention", "demand", "ahead", "experts", "stall")
 def decode_timeline(demand, ahead, attention_s: float, experts_s: float, transfer_s: float) -> dict:
     """Lay out T tokens x L sparse layers.
 
-    demand (T, L): experts read on demand at layer l of token t; ahead (T, L): experts read
-    ahead for layer l, requested when layer l - 1's router has run (column 0 must be 0:
+    demand (T, L): experts read on demand at layer l of token t (expected counts may be
+    fractional); ahead (T, L): experts read ahead for layer l, requested when layer l - 1's router has run (column 0 must be 0:
     nothing is guessed before the first layer); attention_s, experts_s: seconds of compute
     per layer before and after the router; transfer_s: seconds to move one expert.
 
     Returns {"token_s": (T,) seconds per token, "compute_s": total compute, "link_busy_s":
     total transfer time, "stall_s": time the compute stream waited on the link, "events":
     [(token, layer, kind, start, end)] with kind in `EVENT_KINDS`}."""
-    demand = np.asarray(demand, dtype=np.int64)
-    ahead = np.asarray(ahead, dtype=np.int64)
+    demand = np.asarray(demand, dtype=np.float64)
+    ahead = np.asarray(ahead, dtype=np.float64)
     if demand.ndim != 2 or ahead.shape != demand.shape:
         raise ValueError(
             f"demand {demand.shape} and ahead {ahead.shape} must be equal (tokens, layers) arrays"
         )
+    if not (np.isfinite(demand).all() and np.isfinite(ahead).all()):
+        raise ValueError("demand and ahead must be finite")
     if (demand < 0).any() or (ahead < 0).any():
         raise ValueError("demand and ahead count experts: they must be >= 0")
     if ahead.size and ahead[:, 0].any():
