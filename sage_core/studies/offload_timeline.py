@@ -168,7 +168,9 @@ def plot_step(rates_by_arm: dict, link: str, layers: int = 6):
         ax.set_title(f"{label}: first {layers} of 48 layers of one decode step", fontsize=9)
     axes[-1].set_xlabel("ms from the step's start")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
-    fig.legend(handles, list(colors), loc="upper right", ncol=len(colors), fontsize=8)
-    fig.suptitle(f"Q3-Omni over {link} (extrapolated from the default model's traces)", y=1.0)
-    fig.tight_layout()
+    fig.suptitle(f"Q3-Omni over {link} (extrapolated from the default model's traces)")
+    fig.legend(
+        handles, list(colors), loc="upper center", bbox_to_anchor=(0.5, 0.93), ncol=len(colors)
+    )
+    fig.tight_layout(rect=(0, 0, 1, 0.86))
     return fig
