@@ -570,3 +570,117 @@ def test_a_prefetch_never_evicts_a_protected_expert():
     policy = cp.make_policy("learned", 2, layers=[0, 1], predictor=predictor, protect=0)
     sim = cp.simulate(keys, policy, prefetch={2: [(0, 1)]})
     assert sim.prefetched == 1 and (0, 1) in policy.keys()
+
+
+# --- the learned policy's fast paths decide as the direct evaluation does ---------------------
+
+
+def direct_features(state, codes):
+    """The features as first written (one numpy expression per feature, per call): the
+    reference the tabulated, incremental `FeatureState.features` must equal bit for bit."""
+    num_layers, step, p = state.clock.num_layers, state.clock.step, state.clock.pos
+    out = np.empty((len(reuse.FEATURES) + num_layers, codes.size))
+    since = (state.clock.time - state.last[codes]) * (1.0 / num_layers)
+    out[0] = np.log1p(since)
+    out[1] = np.divide(1.0, 1.0 + since)
+    q = codes // state.num_experts
+    out[2] = ((q - p - 1) % num_layers + 1) * (1.0 / num_layers)
+    decay = np.exp(np.outer(-state._rates, since))
+    out[3:6] = np.log1p(state.decayed[:, codes] * decay)
+    out[6] = np.log1p(state.count[codes])
+    out[7] = state.count[codes] * (1.0 / (step + 1.0))
+    out[8] = state.last_step[codes] >= step - 1
+    out[9] = out[0] * out[4]
+    out[10 : reuse.MARKOV_1 + len(reuse.MARKOV_HORIZONS)] = state.markov()[:, codes]
+    out[len(reuse.FEATURES) :] = q == np.arange(num_layers)[:, None]
+    return out.T
+
+
+def walked(trees, x):
+    """The tree ensemble evaluated by walking every tree level by level (no leaf table)."""
+    walker = reuse.TreeEnsemble(trees.feature, trees.threshold, trees.leaf, trees.base)
+    walker._leaf_of_code = None
+    return walker.predict(x)
+
+
+class DirectLearned(reuse.LearnedPolicy):
+    """The learned policy as first written: every resident key's features evaluated
+    directly, the trees walked, the ranking re-read from its front at every victim."""
+
+    def _rank(self):
+        codes = np.fromiter(self._resident.values(), dtype=np.int64)
+        x = direct_features(self.state, codes)
+        p = self.predictor
+        scores = walked(p.trees, x) if p.trees is not None else x @ p._w + p._b
+        protected = np.zeros(codes.size, dtype=bool)
+        if self.protect:
+            markov = self.state.markov()[0].reshape(self.state.clock.num_layers, -1)
+            top = np.argsort(-markov, axis=1, kind="stable")[:, : self.protect]
+            mask = np.zeros(markov.shape, dtype=bool)
+            np.put_along_axis(mask, top, True, axis=1)
+            protected = mask.reshape(-1)[codes]
+        order = np.lexsort((self.state.last[codes], -scores, protected))
+        self._ranked = codes[order].tolist()
+        self._next = 0
+        self._scores = (codes, scores, protected)
+
+    def victim(self, key):
+        self._tick(key)
+        if len(self._resident) < self.capacity:
+            return None
+        if self._ranked is None:
+            self._rank()
+        call = self.state.clock.call
+        while self._ranked:
+            c = self._ranked.pop(0)
+            k = self._key_of[c]
+            if k in self._resident and self.state.call_of_use[c] != call:
+                return k
+        return min(self._resident, key=lambda k: self.state.last[self._resident[k]])
+
+
+def test_tabulated_features_equal_the_direct_expressions_bit_for_bit():
+    predictor = reuse.default_predictor()
+    rng = np.random.default_rng(5)
+    keys = decode_like(rng, 40, num_layers=4, experts=32, k=4)
+    state = reuse.FeatureState([0, 1, 2, 3], 32, predictor.table)
+    checked = 0
+    for k in keys:
+        if state.clock.advance(k):
+            codes = rng.choice(128, 40)
+            assert np.array_equal(state.features(codes), direct_features(state, codes))
+            checked += 1
+        state.use(k)
+    assert checked == 160
+    # A code never used (a read-ahead) lies far beyond the distance table.
+    assert np.array_equal(state.features(np.array([127])), direct_features(state, np.array([127])))
+
+
+def test_tree_leaf_table_reaches_the_leaves_the_walk_reaches():
+    predictor = reuse.default_predictor()
+    assert predictor.trees._leaf_of_code is not None  # the committed trees take the table path
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(300, len(reuse.FEATURES) + 4)) * rng.choice([0.01, 1, 10], size=(1, 18))
+    # Values exactly at, just above and just below float32-rounded thresholds.
+    t = predictor.trees
+    for i, (f, thr) in enumerate(zip(t._feature[:300], t._threshold[:300], strict=True)):
+        if np.isfinite(thr):
+            x[i, f] = np.float32(thr) * (1, 1 + 1e-7, 1 - 1e-7)[i % 3]
+    assert np.array_equal(t.predict(x), walked(t, x))
+
+
+@pytest.mark.parametrize("capacity", [12, 32, 64])
+@pytest.mark.parametrize("protect", [0, 4])
+def test_fast_learned_policy_makes_the_direct_policys_decisions(capacity, protect):
+    predictor = reuse.default_predictor()
+    keys = as_array(decode_like(np.random.default_rng(capacity), 48, 4, 32, 4))
+    plan = None
+    if protect:  # read-aheads of two experts per layer call, some already resident
+        rng = np.random.default_rng(1)
+        plan = {i: [(int(keys[i, 0]), int(e)) for e in rng.choice(32, 2)] for i in range(8, 760, 4)}
+    fast = reuse.LearnedPolicy(capacity, [0, 1, 2, 3], predictor, protect=protect)
+    direct = DirectLearned(capacity, [0, 1, 2, 3], predictor, protect=protect)
+    a, b = cp.simulate(keys, fast, plan), cp.simulate(keys, direct, plan)
+    assert np.array_equal(a.hits, b.hits) and a.prefetched == b.prefetched
+    assert fast.keys() == direct.keys()
+    assert a.misses > capacity and a.hits.any()  # evictions happened, and hits

@@ -33,7 +33,8 @@ layer l is used now), averaged over the experts layer l used in its latest call
 
 The predictor's model is either linear on the features or an ensemble of gradient-boosted
 regression trees (`TreeEnsemble`: sklearn's `GradientBoostingRegressor`, exported as padded
-complete trees and evaluated level by level in numpy, all trees and keys at once). Both
+complete trees and evaluated in numpy, all trees and keys at once: every split compared
+at once and the leaf read from a table for depth <= 4, level by level deeper). Both
 score every resident key once per layer call with a fixed number of numpy operations (no
 Python loop over keys); both are persisted as versioned JSON (`ReusePredictor.save`,
 atomic write), never pickled.
@@ -150,7 +151,17 @@ class StepClock:
 
 
 class FeatureState:
-    """Every key's access history as the few numbers the features need; cache-independent."""
+    """Every key's access history as the few numbers the features need; cache-independent.
+
+    The policy asks for features once per layer call and records a use per request, so both
+    are kept to a few numpy operations on small arrays: a use updates scalars (the decay
+    factors of each distance are computed once, with the same expression as before, and
+    reused), and the functions of the distance since the last use (log1p, 1/(1+x), the
+    decays) are read from tables indexed by that distance in layer calls, filled with the
+    very expressions `features` used to evaluate per row, so the values are bit for bit
+    those of the direct evaluation (tested against a direct reference)."""
+
+    _TABLE_LIMIT = 1 << 16  # distances (layer calls) tabulated; beyond, evaluated directly
 
     def __init__(self, layers, num_experts: int, table=None):
         self.clock = StepClock(layers)
@@ -166,15 +177,23 @@ class FeatureState:
         self.before = np.zeros((num_layers, self.num_experts))
         self.now_call = np.full(num_layers, -1, dtype=np.int64)
         self._markov = np.zeros(shape[:3])  # (H, L, E), see `markov`
+        self._markov_flat = self._markov.reshape(len(MARKOV_HORIZONS), -1)  # a view
         self._markov_ident = np.full(num_layers, -1, dtype=np.int64)
-        for layer in range(num_layers):  # before any use: every layer's set is empty
-            self._markov[:, layer] = 0.0
         self.last = np.full(size, -(10**9), dtype=np.int64)  # time of last use
         self.last_step = np.full(size, -(10**9), dtype=np.int64)
         self.count = np.zeros(size, dtype=np.float64)
         self.decayed = np.zeros((len(HALF_LIVES), size), dtype=np.float64)  # at `last`
         self.call_of_use = np.full(size, -1, dtype=np.int64)  # layer call of the last use
         self._rates = np.array([math.log(2.0) / h for h in HALF_LIVES])
+        self._decay_factors: list = []  # [d] -> decay of each half-life over d layer calls
+        # Constant per code: its layer's indicator row, and per present layer position p
+        # the earliest next use (layer calls / L), as `features` computed them per call.
+        q = np.arange(size, dtype=np.int64) // self.num_experts
+        self._indicator = (q == np.arange(num_layers)[:, None]).astype(np.float64)
+        self._ahead = np.stack(
+            [((q - p - 1) % num_layers + 1) * (1.0 / num_layers) for p in range(num_layers)]
+        )
+        self._since_table = np.zeros((5, 0))  # rows: log1p, 1/(1+x), decays; x = steps since
 
     def code(self, key) -> int:
         e = int(key[1])
@@ -182,21 +201,34 @@ class FeatureState:
             raise ValueError(f"expert {e} outside [0, {self.num_experts})")
         return self.clock.pos_of(key) * self.num_experts + e
 
+    def _decay(self, d: int):
+        """exp(-rate * d / L) per half-life, for a distance of `d` layer calls (cached)."""
+        factors = self._decay_factors
+        while len(factors) <= d:
+            factors.append(np.exp(-self._rates * (len(factors) / self.clock.num_layers)).tolist())
+        return factors[d]
+
     def use(self, key) -> int:
         """Record a use of `key` now (the clock already at its layer call); -> its code."""
         c = self.code(key)
-        now = self.clock.time
-        dt = (now - self.last[c]) / self.clock.num_layers if self.count[c] else 0.0
-        self.decayed[:, c] = self.decayed[:, c] * np.exp(-self._rates * dt) + 1.0
+        clock = self.clock
+        now = clock.time
+        decayed = self.decayed
+        if self.count[c]:
+            f = self._decay(now - int(self.last[c]))
+            for h in range(len(f)):
+                decayed[h, c] = decayed[h, c] * f[h] + 1.0
+        else:  # nothing to decay: the count starts at one
+            decayed[:, c] = 1.0
         self.count[c] += 1
         self.last[c] = now
-        self.last_step[c] = self.clock.step
-        self.call_of_use[c] = self.clock.call
+        self.last_step[c] = clock.step
+        self.call_of_use[c] = clock.call
         q, e = divmod(c, self.num_experts)
-        if self.now_call[q] != self.clock.call:
+        if self.now_call[q] != clock.call:
             self.before[q] = self.now[q]
             self.now[q] = 0.0
-            self.now_call[q] = self.clock.call
+            self.now_call[q] = clock.call
         self.now[q, e] = 1.0
         return c
 
@@ -207,34 +239,52 @@ class FeatureState:
         layer call)."""
         current = self.now_call == self.clock.call
         ident = self.now_call * 2 + current
-        for layer in np.flatnonzero(ident != self._markov_ident):
-            used = self.before[layer] if current[layer] else self.now[layer]
-            weights = used / max(used.sum(), 1.0)
-            self._markov[:, layer] = weights @ self.table[:, layer]
-        self._markov_ident = ident
-        return self._markov.reshape(len(self.table), -1)
+        if not np.array_equal(ident, self._markov_ident):
+            for layer in np.flatnonzero(ident != self._markov_ident):
+                used = self.before[layer] if current[layer] else self.now[layer]
+                weights = used / max(used.sum(), 1.0)
+                self._markov[:, layer] = weights @ self.table[:, layer]
+            self._markov_ident = ident
+        return self._markov_flat
+
+    def _since(self, d: np.ndarray) -> np.ndarray:
+        """(5, n): log1p(x), 1 / (1 + x) and exp(-rate * x) per half-life, x = d / L steps,
+        from the table (grown as far as needed, up to `_TABLE_LIMIT`)."""
+        top = int(d.max()) if d.size else 0
+        if top >= self._since_table.shape[1] and top < self._TABLE_LIMIT:
+            self._since_table = self._since_columns(np.arange(max(2 * top, 256)))
+        if top < self._since_table.shape[1]:
+            return self._since_table.take(d, axis=1)
+        return self._since_columns(d)  # never-used (read-ahead) keys: far beyond the table
+
+    def _since_columns(self, d: np.ndarray) -> np.ndarray:
+        since = d * (1.0 / self.clock.num_layers)
+        out = np.empty((5, d.size))
+        np.log1p(since, out=out[0])
+        np.divide(1.0, 1.0 + since, out=out[1])
+        out[2:] = np.exp(np.outer(-self._rates, since))
+        return out
 
     def features(self, codes) -> np.ndarray:
         """(n, F + L) feature rows of `codes` at the present time (see FEATURES); written
         column by column into one array (a view of it, transposed)."""
         codes = np.asarray(codes, dtype=np.int64)
         num_layers = self.clock.num_layers
-        step, p = self.clock.step, self.clock.pos
+        step = self.clock.step
         out = np.empty((len(FEATURES) + num_layers, codes.size))
-        since = (self.clock.time - self.last[codes]) * (1.0 / num_layers)  # steps since use
-        np.log1p(since, out=out[0])
-        np.divide(1.0, 1.0 + since, out=out[1])
-        q = codes // self.num_experts
+        since = self._since(self.clock.time - self.last.take(codes))
+        out[0:2] = since[0:2]
         # Layer calls to the earliest next use, / L: q - p ahead, or the next step's q.
-        out[2] = ((q - p - 1) % num_layers + 1) * (1.0 / num_layers)
-        np.log1p(self.decayed[:, codes] * np.exp(np.outer(-self._rates, since)), out=out[3:6])
-        count = self.count[codes]
+        self._ahead[self.clock.pos % num_layers].take(codes, out=out[2])
+        np.multiply(self.decayed.take(codes, axis=1), since[2:], out=out[3:6])
+        np.log1p(out[3:6], out=out[3:6])
+        count = self.count.take(codes)
         np.log1p(count, out=out[6])
         np.multiply(count, 1.0 / (step + 1.0), out=out[7])
-        out[8] = self.last_step[codes] >= step - 1
+        np.greater_equal(self.last_step.take(codes), step - 1, out=out[8])
         np.multiply(out[0], out[4], out=out[9])
-        out[10 : MARKOV_1 + len(MARKOV_HORIZONS)] = self.markov()[:, codes]
-        out[len(FEATURES) :] = q == np.arange(num_layers)[:, None]
+        self.markov().take(codes, axis=1, out=out[10 : MARKOV_1 + len(MARKOV_HORIZONS)])
+        self._indicator.take(codes, axis=1, out=out[len(FEATURES) :])
         return out.T
 
 
@@ -271,6 +321,25 @@ class TreeEnsemble:
         self._leaf = self.leaf.ravel()
         self._node_offset = (np.arange(trees) * internal)[:, None]
         self._leaf_offset = (np.arange(trees) * (internal + 1) - internal)[:, None]
+        # Trees of depth <= 4 (15 splits each) are evaluated without walking them: every
+        # split of every tree is compared at once, each tree's 15 outcomes read as one
+        # integer, and a table maps that integer to the leaf the walk would reach. The
+        # comparisons are made in float32 against each threshold rounded *down* to float32,
+        # which gives the same outcome as sklearn's float32 feature against the float64
+        # threshold (no float32 lies between the two), at half the cost of mixed precision.
+        self._leaf_of_code = None
+        if 0 < self.depth <= 4:
+            code = np.arange(2**internal, dtype=np.int64)
+            node = np.zeros(code.size, dtype=np.int64)
+            for _ in range(self.depth):
+                node = 2 * node + 1 + ((code >> node) & 1)
+            self._leaf_of_code = (node - internal).astype(np.intp)
+            down = self._threshold.astype(np.float32)
+            above = down.astype(np.float64) > self._threshold
+            down[above] = np.nextafter(down[above], np.float32(-np.inf))
+            self._threshold32 = down[:, None]
+            self._powers = (2.0 ** np.arange(internal)).astype(np.float32)
+            self._tree_leaf_offset = (np.arange(trees) * (internal + 1))[:, None]
 
     @property
     def width(self) -> int:
@@ -279,6 +348,13 @@ class TreeEnsemble:
     def predict(self, features: np.ndarray) -> np.ndarray:
         x = np.asarray(features, dtype=np.float32)
         n, width = x.shape
+        if self._leaf_of_code is not None and n:
+            trees, internal = self.feature.shape
+            split = x.T.take(self._feature, axis=0) > self._threshold32  # (trees * 15, n)
+            code = self._powers @ split.reshape(trees, internal, n).astype(np.float32)
+            leaf = self._leaf_of_code.take(code.astype(np.intp)) + self._tree_leaf_offset
+            # Summed over trees in tree order (axis 0), as the walk below sums them.
+            return self.base + self._leaf.take(leaf).sum(0)
         flat, row_start = x.ravel(), np.arange(n) * width
         node = np.zeros((self.feature.shape[0], n), dtype=np.int64)
         for _ in range(self.depth):
@@ -575,8 +651,8 @@ class LearnedPolicy:
         self.protect = protect
         self._resident: dict = {}  # key -> code
         self._ranked: list | None = None  # codes, evict first first, for the current call
-        self._score: dict = {}  # code -> predicted distance, for the current call
-        self._protected = np.zeros(0, dtype=bool)
+        self._next = 0  # position in `_ranked` of the next candidate
+        self._scores = None  # (codes, predicted distances, protected) of the current call
         self._key_of: dict = {}
         self.scored = 0  # feature rows scored, for the cost per token
 
@@ -585,9 +661,8 @@ class LearnedPolicy:
             self._ranked = None
 
     def _rank(self):
-        codes = np.fromiter(self._resident.values(), dtype=np.int64)
-        features = self.state.features(codes)
-        scores = self.predictor.predict(features)
+        codes = np.fromiter(self._resident.values(), dtype=np.int64, count=len(self._resident))
+        scores = self.predictor.predict(self.state.features(codes))
         self.scored += codes.size
         protected = np.zeros(codes.size, dtype=bool)
         if self.protect:
@@ -599,8 +674,8 @@ class LearnedPolicy:
         # Unprotected before protected; farthest predicted reuse first; then least recent.
         order = np.lexsort((self.state.last[codes], -scores, protected))
         self._ranked = codes[order].tolist()
-        self._score = dict(zip(codes.tolist(), scores.tolist(), strict=True))
-        self._protected = {c for c, p in zip(codes.tolist(), protected.tolist(), strict=True) if p}
+        self._next = 0  # the ranked codes before it were handed out this call
+        self._scores = (codes, scores, protected)  # read by `admits_prefetch` only
 
     def victim(self, key):
         self._tick(key)
@@ -609,10 +684,17 @@ class LearnedPolicy:
         if self._ranked is None:
             self._rank()
         call = self.state.clock.call
-        while self._ranked:
-            c = self._ranked.pop(0)
-            k = self._key_of[c]
-            if k in self._resident and self.state.call_of_use[c] != call:
+        ranked, call_of_use, key_of, resident = (
+            self._ranked,
+            self.state.call_of_use,
+            self._key_of,
+            self._resident,
+        )
+        while self._next < len(ranked):
+            c = ranked[self._next]
+            self._next += 1
+            k = key_of[c]
+            if k in resident and call_of_use[c] != call:
                 return k
         # Every resident key is in use in this call: the least recently used goes.
         return min(self._resident, key=lambda k: self.state.last[self._resident[k]])
@@ -626,12 +708,15 @@ class LearnedPolicy:
         c = self.state.code(key)
         mine = float(self.predictor.predict(self.state.features(np.array([c])))[0])
         call = self.state.clock.call
+        codes, scores, protected = self._scores
+        score = dict(zip(codes.tolist(), scores.tolist(), strict=True))
+        guarded = set(codes[protected].tolist())
         return any(
-            r not in self._protected
-            and self._score.get(r, -math.inf) >= mine
+            r not in guarded
+            and score.get(r, -math.inf) >= mine
             and self.state.call_of_use[r] != call
             and self._key_of[r] in self._resident
-            for r in self._ranked
+            for r in self._ranked[self._next :]
         )
 
     def admit_prefetch(self, key):
