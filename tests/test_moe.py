@@ -82,17 +82,22 @@ def test_grouped_and_gathered_experts_equal_a_per_token_loop(T, k):
 
 
 @pytest.mark.parametrize("bad", [E, -1])
-@pytest.mark.parametrize("path", ["grouped", "single_token", "gathered"])
+@pytest.mark.parametrize("path", ["grouped", "grouped_mm", "single_token", "gathered"])
 def test_an_expert_index_out_of_range_is_one_clear_error_on_every_path(monkeypatch, path, bad):
+    if path == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no torch._grouped_mm")
     block = moe.SparseMoeBlock(CONFIG, layer_idx=2)
     block.gate = nn.Linear(H, E, bias=False)
     block.experts = random_experts()
     ran = []  # which expert path each forward took
-    for name in ("grouped_expert_mix", "single_token_expert_mix", "gathered_expert_mix"):
+    paths = ("grouped_expert_mix", "grouped_mm_expert_mix", "single_token_expert_mix")
+    for name in (*paths, "gathered_expert_mix"):
         mix = getattr(moe, name)
         monkeypatch.setattr(moe, name, lambda *a, _n=name, _mix=mix: ran.append(_n) or _mix(*a))
     if path == "gathered":  # the CUDA few-token path, forced on CPU
         monkeypatch.setattr(moe, "GATHER_DEVICES", ("cpu",))
+    if path == "grouped":  # the per-expert loop, where torch._grouped_mm is not used
+        monkeypatch.setattr(moe, "GROUPED_MM_DEVICES", ())
     last_expert = [0]
 
     def selector(router_logits, layer_idx, hidden_states):

@@ -27,6 +27,16 @@ from sage_core.model.config import ThinkerTextConfig
 GATHER_DEVICES = ("cuda",)
 GATHER_MAX_TOKENS = 4
 
+# Several tokens with resident experts (a prefill), without autograd: both expert products
+# of a layer go through one torch._grouped_mm call each (`grouped_mm_expert_mix`), which
+# walks the experts in C++ where `grouped_expert_mix` slices, transposes and launches them
+# from Python (`python -m benchmarks` times the two side by side). Only on CPU, where it
+# was measured; its CUDA kernel wants bfloat16 on recent GPUs and is unmeasured here.
+# `grouped_expert_mix` stays the path for autograd (torch._grouped_mm has no CPU backward),
+# for on-demand expert providers, and for shapes the kernel rejects.
+GROUPED_MM_DEVICES = ("cpu",)
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
 
 class ExpertSelector(Protocol):
     def __call__(
@@ -117,6 +127,54 @@ def grouped_expert_mix(x, indices, weights, experts) -> torch.Tensor:
             _expert_ffn(xs[start : start + n], gate_up, down, out=ys[start : start + n])
             del gate_up, down  # a bounded on-demand cache may evict (and reuse) it now
         ys.mul_(ws)
+    return torch.zeros_like(x).index_add_(0, token_of, ys)
+
+
+def grouped_mm_usable(x: torch.Tensor, experts) -> bool:
+    """Whether `grouped_mm_expert_mix` can run this call: torch._grouped_mm present, no
+    autograd, resident experts in x's dtype on a device of GROUPED_MM_DEVICES, and every
+    operand stride a multiple of 16 bytes (the kernel refuses others)."""
+    if (
+        not hasattr(torch, "_grouped_mm")
+        or torch.is_grad_enabled()
+        or not isinstance(experts, ResidentExperts)
+        or x.device.type not in GROUPED_MM_DEVICES
+        or x.dtype not in GROUPED_MM_DTYPES
+    ):
+        return False
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    if gate_up.dtype != x.dtype or down.dtype != x.dtype or gate_up.device != x.device:
+        return False
+    # The rows of xs (H), of the gated activations (I) and both stacks' strides.
+    strides = (x.shape[1], down.shape[2], *gate_up.stride(), *down.stride())
+    return all(s * x.element_size() % 16 == 0 for s in strides if s != 1)
+
+
+def grouped_mm_expert_mix(x, indices, weights, experts: ResidentExperts) -> torch.Tensor:
+    """`grouped_expert_mix` with each of the two expert products issued as one
+    torch._grouped_mm over the whole stack: the same sorted rows, the same per-expert
+    products and the same scatter back, no host sync. The stacks, transposed, are the
+    (experts, in, out) operands it takes; on CPU they are stored that way (contiguous), so
+    nothing is copied. Check `grouped_mm_usable` first."""
+    T, k = indices.shape
+    flat = indices.reshape(-1)  # (T*k,) expert of each (token, slot)
+    # Stable: within an expert, rows stay in token order, as in grouped_expert_mix.
+    order = flat.argsort(stable=True)  # (T*k,) slots grouped by expert
+    token_of = order // k  # (T*k,) token of each sorted slot
+    # Group g is rows [ends[g-1], ends[g]): expert g's rows, empty for an unused expert.
+    # bincount is safe: the block checked the indices' range before any path runs.
+    ends = torch.bincount(flat, minlength=experts.num_experts).cumsum(0, dtype=torch.int32)
+    ws = weights.reshape(-1).index_select(0, order)[:, None]  # (T*k, 1)
+    if x.device.type == "cpu":  # reused, as in grouped_expert_mix (see _WORKSPACE)
+        xs = torch.index_select(x, 0, token_of, out=_buffer("xs", T * k, x))  # (T*k, H)
+    else:
+        xs = x.index_select(0, token_of)  # (T*k, H)
+    # (T*k, H) x per-row expert's (H, 2I) -> (T*k, 2I)
+    h = torch._grouped_mm(xs, experts.gate_up_proj.transpose(1, 2), offs=ends)
+    gate, up = h.chunk(2, dim=-1)  # each (T*k, I)
+    # (T*k, I) x per-row expert's (I, H) -> (T*k, H)
+    ys = torch._grouped_mm(F.silu(gate).mul_(up), experts.down_proj.transpose(1, 2), offs=ends)
+    ys.mul_(ws)
     return torch.zeros_like(x).index_add_(0, token_of, ys)
 
 
@@ -256,6 +314,8 @@ class SparseMoeBlock(nn.Module):
             out = gathered_expert_mix(x, indices, weights, self.experts)
         elif x.shape[0] == 1 and not torch.is_grad_enabled():
             out = single_token_expert_mix(x, indices, weights, self.experts)
+        elif grouped_mm_usable(x, self.experts):
+            out = grouped_mm_expert_mix(x, indices, weights, self.experts)
         else:
             out = grouped_expert_mix(x, indices, weights, self.experts)
         return out.reshape(shape), router_logits  # (B, S, H), (T, E)
@@ -281,7 +341,7 @@ class SparseMoeBlock(nn.Module):
         return out.reshape(shape), bad
 
     def _check_choice(self, indices, weights, x):
-        """The one check of a selector's choice, before any of the three expert paths runs
+        """The one check of a selector's choice, before any of the expert paths runs
         (the gather path would silently index expert E-1 for -1)."""
         self._check_choice_shapes(indices, weights, x)
         if indices.numel() == 0:
