@@ -172,30 +172,13 @@ def loop_logits(model, input_ids: torch.Tensor, experts: dict | None = None) -> 
     return model.lm_head(model.model.norm(x))
 
 
-def grouped_mm_expert_mix(x, indices, weights, experts) -> torch.Tensor:
-    """sage_core's grouped_expert_mix with both expert products issued by one
-    torch._grouped_mm each (the primitive transformers' grouped_mm path calls), over
-    sage_core's own stacks: transposed, they are the (experts, in, out) operand it takes,
-    so nothing is copied. Same sorted tokens, same scatter back; no host sync."""
-    T, k = indices.shape
-    flat = indices.reshape(-1)  # (T*k,)
-    order = flat.argsort(stable=True)  # (T*k,) slots grouped by expert
-    token_of = order // k
-    ends = torch.bincount(flat, minlength=experts.num_experts).cumsum(0).to(torch.int32)
-    xs = x.index_select(0, token_of)  # (T*k, H)
-    h = torch._grouped_mm(xs, experts.gate_up_proj.transpose(1, 2), offs=ends)  # (T*k, 2I)
-    gate, up = h.chunk(2, dim=-1)
-    ys = torch._grouped_mm(F.silu(gate).mul_(up), experts.down_proj.transpose(1, 2), offs=ends)
-    ys.mul_(weights.reshape(-1).index_select(0, order)[:, None])
-    return torch.zeros_like(x).index_add_(0, token_of, ys)
-
-
 @contextlib.contextmanager
-def experts_through_grouped_mm():
-    """sage_core's multi-token MoE path runs `grouped_mm_expert_mix` while inside."""
-    previous = moe.grouped_expert_mix
-    moe.grouped_expert_mix = grouped_mm_expert_mix
+def experts_through_loop():
+    """sage_core's multi-token MoE path is its per-expert Python loop (`grouped_expert_mix`)
+    while inside, as where torch._grouped_mm is not used: the design before it."""
+    previous = moe.GROUPED_MM_DEVICES
+    moe.GROUPED_MM_DEVICES = ()
     try:
         yield
     finally:
-        moe.grouped_expert_mix = previous
+        moe.GROUPED_MM_DEVICES = previous

@@ -148,7 +148,9 @@ def decode_floor(model, prompt_ids, new_tokens: int, rates: MachineRates) -> flo
 class _RecordMatmuls(TorchDispatchMode):
     """Records every matrix product (with its very tensors) that runs under it."""
 
-    OPS = {"mm", "addmm", "bmm", "baddbmm", "mv", "addmv"}
+    # _grouped_mm: one call for all of a layer's experts (sage_core's prefill); its kernel's
+    # per-expert products run below the dispatcher, unseen, and are replayed with it.
+    OPS = {"mm", "addmm", "bmm", "baddbmm", "mv", "addmv", "_grouped_mm"}
 
     def __init__(self):
         super().__init__()

@@ -13,7 +13,7 @@ from benchmarks.compile_time import measure as measure_compile
 from benchmarks.references import (
     TransformersThinker,
     experts_implementations,
-    experts_through_grouped_mm,
+    experts_through_loop,
     loop_logits,
     row_major_experts,
 )
@@ -32,6 +32,7 @@ from sage_core import generate, load_thinker
 from sage_core.checkpoint import save_thinker_checkpoint
 from sage_core.checkpoint.cache_policy import POLICIES, make_policy, simulate, simulate_belady
 from sage_core.checkpoint.expert_trace import TraceRecorder, access_sequence
+from sage_core.model import moe
 from sage_core.model.config import ThinkerTextConfig
 from sage_core.model.thinker import Qwen3OmniThinker
 from sage_core.paths import MODELS
@@ -44,6 +45,9 @@ from tests.checkpoints import foreign_tensors
 LOGITS_TOL = 1e-4
 
 SHARED_LAYOUT = "on sage_core's transposed expert stacks"
+# The prefill row of sage_core against itself with its per-expert Python loop, the
+# multi-token expert path where torch._grouped_mm is not used.
+OWN_LOOP = "sage_core with its per-expert loop (torch._grouped_mm off)"
 
 # "mid": the real routing fan-out (128 experts, top-8) at reduced width. mrope_section is
 # the real [24, 20, 20] scaled to head_dim 64.
@@ -257,6 +261,20 @@ def run_config(
     for label, loop in loops.items():
         first_call[("prefill", label)] = time_call(loop)
         _check_logits(result, label, ours_logits, loop())
+    if _prefill_takes_grouped_mm(model, prefill_ids):
+
+        def own_loop():
+            with experts_through_loop():
+                return prefill()
+
+        first_call[("prefill", OWN_LOOP)] = time_call(own_loop)
+        _check_logits(result, OWN_LOOP, ours_logits, own_loop())
+    else:
+        own_loop = None
+        result.notes.append(
+            "sage_core's prefill runs its per-expert loop here (torch._grouped_mm missing or "
+            "not usable for these experts): no row against the loop"
+        )
 
     ours_tokens = decode()
     for impl, ref in references.items():
@@ -313,8 +331,9 @@ def run_config(
         target = 1.2 if impl.startswith("eager") else 1.1 if impl == "grouped_mm" else 1.0
         reference = partial(ref.logits, prefill_ids)
         timed_row("prefill", impl, f"transformers experts={impl}", target, reference)
-    if hasattr(torch, "_grouped_mm"):
-        result.notes.append(_grouped_mm_note(result, prefill, ours_logits, work))
+    if own_loop is not None:
+        log(f"[{name}] prefill ({prefill_len} tokens) vs {OWN_LOOP}")
+        timed_row("prefill", OWN_LOOP, OWN_LOOP, 1.0, own_loop)
     for label, loop in loops.items():
         log(f"[{name}] prefill ({prefill_len} tokens) vs the {label}")
         timed_row("prefill", label, label, 10.0, loop)
@@ -331,32 +350,12 @@ def run_config(
     return result
 
 
-def _grouped_mm_note(result, prefill, ours_logits, work: Workload) -> str:
-    """sage_core's prefill with its expert products through torch._grouped_mm (behind its
-    own layout) against the committed per-expert loop, in interleaved rounds."""
-
-    def through_grouped_mm():
-        with experts_through_grouped_mm():
-            return prefill()
-
-    _check_logits(
-        result, "its own prefill through torch._grouped_mm", ours_logits, through_grouped_mm()
-    )
-    ratio = paired_rounds(
-        through_grouped_mm,
-        prefill,
-        time_call(prefill),
-        work.budget_s,
-        work.min_rounds,
-        work.max_rounds,
-    )
-    return (
-        f"sage_core prefill with its expert products through torch._grouped_mm (its own "
-        f"transposed stacks, same sorted tokens): {ratio.ours.median * 1e3:.1f} ms vs "
-        f"{ratio.reference.median * 1e3:.1f} ms with the per-expert loop, "
-        f"{ratio.value:.2f}x ({ratio.low:.2f}-{ratio.high:.2f}); the loop is kept unless "
-        "this is clearly above 1 (on CPU _grouped_mm issues one product per expert too)"
-    )
+def _prefill_takes_grouped_mm(model, input_ids) -> bool:
+    """Whether the model's prefill of `input_ids` runs torch._grouped_mm in every sparse
+    layer (`moe.grouped_mm_usable`; the inputs' dtype and device are the embeddings')."""
+    x = model.model.embed_tokens.weight[:1]  # (1, H): the hidden states' dtype and device
+    blocks = [layer.mlp for layer in model.model.layers.values() if layer.is_sparse]
+    return input_ids.numel() > 1 and all(moe.grouped_mm_usable(x, b.experts) for b in blocks)
 
 
 def _compiled_rows(name, checkpoint, model, prompt_ids, work, result, rates):
