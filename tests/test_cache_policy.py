@@ -466,9 +466,12 @@ def test_the_committed_predictor_loads_and_says_what_it_was_fitted_on():
     predictor = reuse.default_predictor()
     assert predictor.info["text"].startswith("training split")
     assert predictor.num_layers == 4 and predictor.num_experts == 32
-    # The kind was chosen on tuning windows of training text, and it is the better one there.
+    # The candidate was chosen on tuning windows of training text, the best one there.
     tuning = predictor.info["tuning"]["mean_hit_rate"]
-    assert predictor.kind == predictor.info["chosen_kind"] == max(tuning, key=tuning.get)
+    chosen = predictor.info.get("chosen", predictor.info["chosen_kind"])
+    assert chosen == max(tuning, key=tuning.get)
+    assert predictor.kind == predictor.info["chosen_kind"] and predictor.kind in chosen
+    assert predictor.router == chosen.endswith("+router")
     assert predictor.info["tuning"]["seed"] != predictor.info["seed"]
 
 
@@ -684,3 +687,44 @@ def test_fast_learned_policy_makes_the_direct_policys_decisions(capacity, protec
     assert np.array_equal(a.hits, b.hits) and a.prefetched == b.prefetched
     assert fast.keys() == direct.keys()
     assert a.misses > capacity and a.hits.any()  # evictions happened, and hits
+
+
+def test_router_features_are_the_latest_probability_and_its_moving_averages():
+    state = reuse.FeatureState([0, 1], 3)
+    first, second = np.array([0.5, 0.3, 0.2]), np.array([0.1, 0.1, 0.8])
+    state.observe(1, first)
+    state.observe(1, second[None])  # one row of a one-token forward
+    state.observe(0, np.array([[0.2, 0.2, 0.6], [0.4, 0.4, 0.2]]))  # two rows: their mean
+    state.clock.advance((0, 0))
+    state.use((0, 0))
+    names = reuse.feature_names(2, router=True)
+    x = state.features(np.array([0, 5]), router=True)  # (0, 0) and (1, 2)
+    assert x.shape == (2, len(names)) and names[-2:] == ["layer_0", "layer_1"]
+    now, ema1, ema4 = (names.index(n) for n in reuse.ROUTER_FEATURES)
+    keep1, keep4 = 0.5, 0.5**0.25  # half-lives of 1 and 4 calls of the layer
+    assert x[1, now] == 0.8 and x[0, now] == pytest.approx(0.3)
+    assert x[1, ema1] == pytest.approx((0.2 * (1 - keep1)) * keep1 + 0.8 * (1 - keep1))
+    assert x[1, ema4] == pytest.approx((0.2 * (1 - keep4)) * keep4 + 0.8 * (1 - keep4))
+    assert x[0, ema1] == pytest.approx(0.3 * (1 - keep1))
+    # Without router columns the rows are the first features exactly.
+    assert np.array_equal(state.features(np.array([0, 5])), np.delete(x, [now, ema1, ema4], axis=1))
+
+
+def test_router_fed_predictor_round_trips_and_a_version_2_file_still_loads(tmp_path):
+    rng = np.random.default_rng(4)
+    keys = decode_like(rng, 50)
+    plan = {i: [(k[0], rng.dirichlet(np.ones(5)))] for i, k in enumerate(keys) if i % 2 == 0}
+    x, y = reuse.training_rows(as_array(keys), LAYERS, 5, cap=8.0, router=plan)
+    assert x.shape[1] == len(reuse.feature_names(3, router=True))
+    assert x[:, len(reuse.FEATURES)].max() > 0  # the router columns were filled
+    fitted = reuse.ReusePredictor.fit(
+        x, y, 3, 5, 8.0, kind="trees", trees={"n_estimators": 6, "max_depth": 3}, router=True
+    )
+    again = reuse.ReusePredictor.load(fitted.save(tmp_path / "r.json"))
+    assert again.router and np.array_equal(again.predict(x), fitted.predict(x))
+    plain = small_predictor()
+    data = json.loads(plain.save(tmp_path / "p.json").read_text())
+    data["version"] = 2  # the format before router features: the same fields
+    del data["router_half_lives_steps"]
+    (tmp_path / "p.json").write_text(json.dumps(data))
+    assert not reuse.ReusePredictor.load(tmp_path / "p.json").router

@@ -7,7 +7,7 @@ import torch
 
 from sage_core.checkpoint import load_thinker
 from sage_core.offload import cache_policy as cp
-from sage_core.offload.cache_selectors import CacheAwareSelector, NextLayerPrefetch
+from sage_core.offload.cache_selectors import CacheAwareSelector, NextLayerPrefetch, RouterFeed
 from sage_core.offload.expert_trace import (
     RoutingTrace,
     TraceRecorder,
@@ -15,6 +15,7 @@ from sage_core.offload.expert_trace import (
     concatenate,
     prediction_quality,
     prefetch_plan,
+    router_plan,
 )
 from sage_core.paths import ROOT
 
@@ -108,10 +109,12 @@ def test_save_load_roundtrip(tmp_path, resident):
     _, trace = resident
     path = trace.save(tmp_path / "t.npz")
     back = RoutingTrace.load(path)
-    for name in ("experts", "predicted", "call_of", "layers"):
+    for name in ("experts", "predicted", "call_of", "layers", "router"):
         assert np.array_equal(getattr(back, name), getattr(trace, name))
     assert back.num_experts == trace.num_experts
     both = concatenate([trace, back])
+    assert both.router.shape == (2 * trace.num_tokens, *trace.router.shape[1:])
+    assert trace.rows(trace.call_of > 0).router.shape[0] == trace.num_tokens - 1
     assert both.num_tokens == 2 * trace.num_tokens
     assert both.call_of[trace.num_tokens] == trace.call_of[-1] + 1
     np.savez(tmp_path / "other.npz", x=np.zeros(3))
@@ -314,3 +317,50 @@ def test_cache_aware_keep_top_never_swaps_the_top_choice_and_budget_spends_on_th
     assert indices[0].tolist() == [0, 1, 2, 5] and selector.swapped == 2
     with pytest.raises(ValueError, match="budget"):
         CacheAwareSelector(model, 0.1, budget=-1)
+
+
+def test_the_trace_records_the_routers_probabilities(ids):
+    model = load_thinker(MODEL)
+    recorder = TraceRecorder(model)
+    model.set_selector(recorder)
+    with model.routing_trace() as record, torch.no_grad():
+        model(ids)
+    trace = recorder.trace()
+    assert trace.router.shape == (TOKENS, 4, 32) and trace.router.dtype == np.float16
+    assert np.allclose(trace.router.astype(np.float64).sum(2), 1.0, atol=1e-2)
+    # The chosen experts are the router's top-k of the recorded probabilities.
+    top = np.sort(np.argsort(-trace.router.astype(np.float32), axis=2, kind="stable")[:, :, :4], 2)
+    assert (top == np.sort(trace.experts, 2)).mean() > 0.99  # float16 ties aside
+    plan = router_plan(trace)
+    assert len(plan) == TOKENS * 4 and plan[4][0][0] == int(trace.layers[1])  # token 0, layer 1
+    assert np.array_equal(plan[4][0][1], trace.router[0, 1].astype(np.float64))
+    assert record  # the model's own record ran beside it
+
+
+def test_a_router_fed_learned_policy_runs_in_the_real_cache_hit_for_hit(ids, resident):
+    from sage_core.studies import expert_offloading as offloading
+
+    logits, trace = resident
+    keys, _ = access_sequence(trace)
+    layers = list(trace.layers)
+    predictor = offloading.fit_predictor(
+        {"code": {"decode": trace}},
+        cap=8.0,
+        kind="trees",
+        trees={"n_estimators": 10, "max_depth": 3},
+        router=True,
+    )
+    assert predictor.router
+    model = load_thinker(MODEL, max_resident_experts=CAPACITY)
+    # The loader takes the committed predictor; this one is given to its (empty) cache.
+    model.expert_cache.policy = cp.make_policy(
+        "learned", CAPACITY, layers=layers, predictor=predictor
+    )
+    model.set_selector(RouterFeed(model))
+    assert torch.equal(stepwise(model, ids), logits)  # the feed changes no choice
+    policy = cp.make_policy("learned", CAPACITY, layers=layers, predictor=predictor)
+    sim = cp.simulate(keys, policy, router=router_plan(trace))
+    assert (model.expert_cache.hits, model.expert_cache.misses) == (sim.hits.sum(), sim.misses)
+    # The real cache's policy was shown what the trace recorded, in the same order.
+    seen = model.expert_cache.policy.state.router
+    assert seen.any() and np.array_equal(seen, policy.state.router)

@@ -7,13 +7,14 @@ asks a policy from this room which expert to evict.
 """
 
 from sage_core.offload.cache_policy import POLICIES, make_policy, simulate, simulate_belady
-from sage_core.offload.cache_selectors import CacheAwareSelector, NextLayerPrefetch
+from sage_core.offload.cache_selectors import CacheAwareSelector, NextLayerPrefetch, RouterFeed
 from sage_core.offload.expert_trace import RoutingTrace, TraceRecorder, access_sequence
 
 __all__ = [
     "POLICIES",
     "CacheAwareSelector",
     "NextLayerPrefetch",
+    "RouterFeed",
     "RoutingTrace",
     "TraceRecorder",
     "access_sequence",

@@ -265,7 +265,7 @@ def _as_keys(keys) -> list:
     return [tuple(int(v) for v in k) for k in np.asarray(keys).reshape(-1, 2)]
 
 
-def simulate(keys, policy, prefetch=None) -> Simulation:
+def simulate(keys, policy, prefetch=None, router=None) -> Simulation:
     """Run `policy` (a fresh object from `make_policy`) over the (A, 2) array of (layer,
     expert) accesses, admitting every miss (demand paging).
 
@@ -273,6 +273,10 @@ def simulate(keys, policy, prefetch=None) -> Simulation:
     access; a read-ahead of a resident key does nothing. A policy with `admits_prefetch`
     (the learned one) may refuse a read-ahead (not read, not counted), and one with
     `admit_prefetch` is told of a read-ahead apart from a use.
+
+    router: optional {access index: [(layer, probabilities)]} (`expert_trace.router_plan`):
+    the router's probabilities a selector sees before that access, given to a policy that
+    reads them (`observe_router`, the learned one); others ignore them.
     """
     keys = _as_keys(keys)
     resident: set = set()
@@ -282,6 +286,7 @@ def simulate(keys, policy, prefetch=None) -> Simulation:
     counts = {"prefetched": 0, "prefetch_used": 0, "wasted": 0, "left_unused": 0}
 
     admits = getattr(policy, "admits_prefetch", lambda key: True)
+    observe = getattr(policy, "observe_router", None) if router else None
 
     def admit(key, ahead=False):
         while (victim := policy.victim(key)) is not None:
@@ -294,6 +299,9 @@ def simulate(keys, policy, prefetch=None) -> Simulation:
         resident.add(key)
 
     for i, key in enumerate(keys):
+        if observe is not None:
+            for layer, probs in router.get(i, ()):
+                observe(layer, probs)
         for ahead in (prefetch or {}).get(i, ()):
             ahead = tuple(int(v) for v in ahead)
             if ahead not in resident and admits(ahead):

@@ -21,6 +21,9 @@ nothing about how it scores experts, so they compose with whatever chooses exper
   that many swaps per token over all sparse layers of one forward). With either set, each
   token's slots are considered from its lowest router logit up, so a budget is spent on
   the tail first; with neither, slot by slot as before.
+- `RouterFeed`: gives the cache's policy the router's probabilities of each layer call
+  before the layer asks for its experts (a policy that reads them: the learned one with a
+  router-fed predictor); choices unchanged. `CacheAwareSelector` feeds them too.
 """
 
 from __future__ import annotations
@@ -43,6 +46,32 @@ def _on_demand_blocks(model) -> dict:
             "cache-aware selection or prefetch"
         )
     return blocks
+
+
+def _feed(model):
+    """The cache policy's `observe_router`, or None (no cache, or a policy that ignores it)."""
+    cache = getattr(model, "expert_cache", None)
+    return getattr(getattr(cache, "policy", None), "observe_router", None)
+
+
+def _observe(feed, router_logits, layer_idx) -> None:
+    if feed is not None:
+        from sage_core.offload.expert_trace import router_probabilities
+
+        feed(layer_idx, router_probabilities(router_logits).astype("float64"))
+
+
+class RouterFeed:
+    """Selector wrapper that shows the cache's policy each layer call's router probabilities
+    (float16-rounded, as traces store them) before the layer's experts are requested."""
+
+    def __init__(self, model, inner=None):
+        self.inner = inner or _default_inner(model)
+        self._feed = _feed(model)
+
+    def __call__(self, router_logits, layer_idx, hidden_states):
+        _observe(self._feed, router_logits, layer_idx)
+        return self.inner(router_logits, layer_idx, hidden_states)
 
 
 class NextLayerPrefetch:
@@ -89,6 +118,7 @@ class CacheAwareSelector:
         self.inner = inner or _default_inner(model)
         self.num_experts = model.config.num_experts
         self.swapped = 0  # slots changed, over all calls
+        self._feed = _feed(model)  # the policy sees the router's own probabilities
 
     def resident_mask(self, layer_idx: int, device) -> torch.Tensor:
         return torch.tensor(
@@ -123,6 +153,7 @@ class CacheAwareSelector:
         return masks.to(device).repeat_interleave(rows // len(contexts), 0)
 
     def __call__(self, router_logits, layer_idx, hidden_states):
+        _observe(self._feed, router_logits, layer_idx)
         indices, weights = self.inner(router_logits, layer_idx, hidden_states)
         if self.threshold == 0:
             return indices, weights

@@ -3,7 +3,9 @@
 `TraceRecorder` is an `ExpertSelector` that wraps any other selector (the model's own router
 by default) and records, per forward call and sparse layer, the experts chosen for each token
 in slot order, and the experts layer l+1's router would choose from layer l's hidden state
-(`predicted`: the pre-gated / next-layer prefetch guess, made before layer l+1 runs).
+(`predicted`: the pre-gated / next-layer prefetch guess, made before layer l+1 runs), and
+the router's probabilities over all experts (`router`: the softmax of the router logits,
+float16), which a cache may read as the selector sees them (`router_plan`).
 
 A `RoutingTrace` holds those as (N, L, k) integer arrays plus the forward call of every
 token; it is saved as `.npz` (never pickle). `access_sequence` turns a trace into the
@@ -26,13 +28,15 @@ from sage_core.model.moe import RouterTopK
 class RoutingTrace:
     """experts[t, l, j]: slot j's expert for token t in the l-th sparse layer (`layers[l]`);
     predicted[t, l]: layer l's experts as guessed from layer l-1's hidden state (-1 for the
-    first layer); call_of[t]: the forward call token t was part of."""
+    first layer); call_of[t]: the forward call token t was part of; router[t, l, e]: the
+    router's probability of expert e for token t in layer l (None: not recorded)."""
 
     experts: np.ndarray  # (N, L, k) int16
     predicted: np.ndarray  # (N, L, k) int16
     call_of: np.ndarray  # (N,) int64, non-decreasing
     layers: np.ndarray  # (L,) int64, original layer indices
     num_experts: int
+    router: np.ndarray | None = None  # (N, L, E) float16
 
     def __post_init__(self):
         self.experts = np.asarray(self.experts, dtype=np.int16)
@@ -52,6 +56,24 @@ class RoutingTrace:
             )
         if n and (self.experts.min() < 0 or self.experts.max() >= self.num_experts):
             raise ValueError(f"trace: expert ids outside [0, {self.num_experts})")
+        if self.router is not None:
+            self.router = np.asarray(self.router, dtype=np.float16)
+            if self.router.shape != (n, num_layers, self.num_experts):
+                raise ValueError(
+                    f"trace: router {self.router.shape} must be ({n}, {num_layers}, "
+                    f"{self.num_experts})"
+                )
+
+    def rows(self, mask) -> RoutingTrace:
+        """The tokens selected by `mask` (bool or indices), every field kept."""
+        return RoutingTrace(
+            self.experts[mask],
+            self.predicted[mask],
+            self.call_of[mask],
+            self.layers,
+            self.num_experts,
+            None if self.router is None else self.router[mask],
+        )
 
     @property
     def num_tokens(self) -> int:
@@ -70,6 +92,8 @@ class RoutingTrace:
             "layers": self.layers,
             "num_experts": np.int64(self.num_experts),
         }
+        if self.router is not None:
+            arrays["router"] = self.router
         return atomic_write(path, lambda f: np.savez(f, **arrays))
 
     @classmethod
@@ -85,6 +109,7 @@ class RoutingTrace:
                 data["call_of"],
                 data["layers"],
                 int(data["num_experts"]),
+                data["router"] if "router" in data else None,
             )
 
 
@@ -96,13 +121,22 @@ def concatenate(traces: list[RoutingTrace]) -> RoutingTrace:
     for t in traces:
         calls.append(t.call_of + offset)
         offset += int(t.call_of.max()) + 1 if t.num_tokens else 0
+    routers = [t.router for t in traces]
     return RoutingTrace(
         np.concatenate([t.experts for t in traces]),
         np.concatenate([t.predicted for t in traces]),
         np.concatenate(calls),
         traces[0].layers,
         traces[0].num_experts,
+        None if any(r is None for r in routers) else np.concatenate(routers),
     )
+
+
+def router_probabilities(router_logits) -> np.ndarray:
+    """(rows, E) float16 softmax of router logits: what a trace stores and what a cache that
+    reads the router is given (`cache_selectors.RouterFeed`), so both see the same values."""
+    probs = torch.softmax(router_logits.detach().float(), dim=-1)
+    return probs.cpu().numpy().astype(np.float16)
 
 
 class TraceRecorder:
@@ -124,10 +158,12 @@ class TraceRecorder:
     def clear(self) -> None:
         self._chosen = {layer: [] for layer in self.layers}
         self._guess = {layer: [] for layer in self.layers}
+        self._router = {layer: [] for layer in self.layers}
 
     def __call__(self, router_logits, layer_idx, hidden_states):
         indices, weights = self.inner(router_logits, layer_idx, hidden_states)
         self._chosen[layer_idx].append(indices.detach().cpu().numpy().astype(np.int16))
+        self._router[layer_idx].append(router_probabilities(router_logits))
         if layer_idx == self.layers[0]:
             blank = np.full(indices.shape, -1, dtype=np.int16)
             self._guess[layer_idx].append(blank)
@@ -150,6 +186,7 @@ class TraceRecorder:
                 np.zeros(0),
                 self.layers,
                 self.num_experts,
+                np.zeros((0, len(self.layers), self.num_experts)),
             )
         sizes = [a.shape[0] for a in first]
         for layer in self.layers:
@@ -157,8 +194,9 @@ class TraceRecorder:
                 raise RuntimeError(f"layer {layer} saw different forward calls than layer 0")
         experts = np.stack([np.concatenate(self._chosen[layer]) for layer in self.layers], 1)
         predicted = np.stack([np.concatenate(self._guess[layer]) for layer in self.layers], 1)
+        router = np.stack([np.concatenate(self._router[layer]) for layer in self.layers], 1)
         call_of = np.repeat(np.arange(len(sizes)), sizes)
-        return RoutingTrace(experts, predicted, call_of, self.layers, self.num_experts)
+        return RoutingTrace(experts, predicted, call_of, self.layers, self.num_experts, router)
 
 
 def access_sequence(trace: RoutingTrace, grouped: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -214,3 +252,18 @@ def prediction_quality(trace: RoutingTrace) -> dict[int, dict[str, float]]:
             "recall": float(overlap / max(1, chosen.size)),
         }
     return out
+
+
+def router_plan(trace: RoutingTrace) -> dict[int, list]:
+    """{request index: [(layer, probabilities)]} for the token-by-token order: before token
+    t's first request in layer l, the router's probabilities of that token at layer l (what a
+    selector sees just before the layer asks its cache). Empty without recorded router."""
+    if trace.router is None:
+        return {}
+    n, num_layers, k = trace.experts.shape
+    probs = trace.router.astype(np.float64)
+    return {
+        (t * num_layers + li) * k: [(int(trace.layers[li]), probs[t, li])]
+        for t in range(n)
+        for li in range(num_layers)
+    }

@@ -52,9 +52,10 @@ from sage_core.atomic import atomic_write_text
 
 DEFAULT_PREDICTOR = Path(__file__).with_name("predictors") / "q3omni_tiny.json"
 PREDICTOR_FORMAT = "sage-reuse-predictor"
-PREDICTOR_VERSION = 2
+PREDICTOR_VERSION = 3  # 3: optional router-probability features; 2 is still read
 HALF_LIVES = (0.5, 2.0, 8.0)  # steps, of the decayed use counts
 MARKOV_HORIZONS = (1, 2, 4, 8)  # tokens, of the co-occurrence table
+ROUTER_HALF_LIVES = (1.0, 4.0)  # steps (the layer's calls), of the router-probability averages
 MODEL_KINDS = ("linear", "trees")
 
 # The basis of the linear model; per-layer indicators are added for each layer position.
@@ -70,6 +71,19 @@ FEATURES = (
     *(f"markov_{h}tok" for h in MARKOV_HORIZONS),  # P(used within h tokens | layer's set)
 )
 MARKOV_1 = FEATURES.index("markov_1tok")
+# With a router-fed predictor, after FEATURES: the router's probability of the key's expert
+# at its layer's latest call, and its moving averages over that layer's calls.
+ROUTER_FEATURES = ("router_now", *(f"router_ema_{h:g}tok" for h in ROUTER_HALF_LIVES))
+
+
+def feature_names(num_layers: int, router: bool = False) -> list[str]:
+    """The columns of `FeatureState.features`: FEATURES, ROUTER_FEATURES with `router`, then
+    one indicator per layer position."""
+    return [
+        *FEATURES,
+        *(ROUTER_FEATURES if router else ()),
+        *(f"layer_{i}" for i in range(num_layers)),
+    ]
 
 
 def layer_positions(layers) -> dict[int, int]:
@@ -194,12 +208,25 @@ class FeatureState:
             [((q - p - 1) % num_layers + 1) * (1.0 / num_layers) for p in range(num_layers)]
         )
         self._since_table = np.zeros((5, 0))  # rows: log1p, 1/(1+x), decays; x = steps since
+        # The router's probabilities as a selector saw them (`observe`): per code, the latest
+        # of its layer and moving averages over its layer's calls (0 before any).
+        self.router = np.zeros((len(ROUTER_FEATURES), size))
+        self._router_keep = np.array([0.5 ** (1.0 / h) for h in ROUTER_HALF_LIVES])[:, None]
 
     def code(self, key) -> int:
         e = int(key[1])
         if not 0 <= e < self.num_experts:
             raise ValueError(f"expert {e} outside [0, {self.num_experts})")
         return self.clock.pos_of(key) * self.num_experts + e
+
+    def observe(self, layer, probs) -> None:
+        """The router's probabilities over `layer`'s experts for the call about to ask the
+        cache (a one-token forward's row; the mean over rows of a longer one)."""
+        q = self.clock.pos_of((layer, 0))
+        probs = np.asarray(probs, dtype=np.float64).reshape(-1, self.num_experts).mean(0)
+        block = self.router[:, q * self.num_experts : (q + 1) * self.num_experts]
+        block[0] = probs
+        block[1:] = block[1:] * self._router_keep + (1.0 - self._router_keep) * probs
 
     def _decay(self, d: int):
         """exp(-rate * d / L) per half-life, for a distance of `d` layer calls (cached)."""
@@ -265,13 +292,14 @@ class FeatureState:
         out[2:] = np.exp(np.outer(-self._rates, since))
         return out
 
-    def features(self, codes) -> np.ndarray:
-        """(n, F + L) feature rows of `codes` at the present time (see FEATURES); written
-        column by column into one array (a view of it, transposed)."""
+    def features(self, codes, router: bool = False) -> np.ndarray:
+        """(n, F [+ R] + L) feature rows of `codes` at the present time (`feature_names`);
+        written column by column into one array (a view of it, transposed)."""
         codes = np.asarray(codes, dtype=np.int64)
         num_layers = self.clock.num_layers
         step = self.clock.step
-        out = np.empty((len(FEATURES) + num_layers, codes.size))
+        extra = len(ROUTER_FEATURES) if router else 0
+        out = np.empty((len(FEATURES) + extra + num_layers, codes.size))
         since = self._since(self.clock.time - self.last.take(codes))
         out[0:2] = since[0:2]
         # Layer calls to the earliest next use, / L: q - p ahead, or the next step's q.
@@ -284,7 +312,9 @@ class FeatureState:
         np.greater_equal(self.last_step.take(codes), step - 1, out=out[8])
         np.multiply(out[0], out[4], out=out[9])
         self.markov().take(codes, axis=1, out=out[10 : MARKOV_1 + len(MARKOV_HORIZONS)])
-        self._indicator.take(codes, axis=1, out=out[len(FEATURES) :])
+        if router:
+            self.router.take(codes, axis=1, out=out[len(FEATURES) : len(FEATURES) + extra])
+        self._indicator.take(codes, axis=1, out=out[len(FEATURES) + extra :])
         return out.T
 
 
@@ -407,9 +437,9 @@ class TreeEnsemble:
 
 
 class ReusePredictor:
-    """Predicted log(1 + steps to the next use) of a key, from its features (`FEATURES` plus
-    one indicator per layer) by a linear model or a `TreeEnsemble`, with the co-occurrence
-    table the features need."""
+    """Predicted log(1 + steps to the next use) of a key, from its features (`FEATURES`, with
+    `router` also ROUTER_FEATURES, then one indicator per layer) by a linear model or a
+    `TreeEnsemble`, with the co-occurrence table the features need."""
 
     def __init__(
         self,
@@ -420,8 +450,10 @@ class ReusePredictor:
         linear: dict | None = None,
         trees: TreeEnsemble | None = None,
         info: dict | None = None,
+        router: bool = False,
     ):
         self.num_layers, self.num_experts = int(num_layers), int(num_experts)
+        self.router = bool(router)
         self.cap = float(cap)
         self.info = dict(info or {})
         shape = (len(MARKOV_HORIZONS), self.num_layers, self.num_experts, self.num_experts)
@@ -431,7 +463,7 @@ class ReusePredictor:
             raise ValueError(f"predictor: co-occurrence table {self.table.shape}, expected {shape}")
         if (linear is None) == (trees is None):
             raise ValueError("predictor: give exactly one model, linear= or trees=")
-        width = len(FEATURES) + self.num_layers
+        width = len(feature_names(self.num_layers, self.router))
         self.kind = "linear" if trees is None else "trees"
         self.trees = trees
         if linear is not None:
@@ -441,8 +473,8 @@ class ReusePredictor:
             self.intercept = float(linear["intercept"])
             if not (self.coef.shape == self.mean.shape == self.scale.shape == (width,)):
                 raise ValueError(
-                    f"predictor: coef/mean/scale must have {width} entries ({len(FEATURES)} "
-                    f"features + {self.num_layers} layers), got {self.coef.shape}"
+                    f"predictor: coef/mean/scale must have {width} entries "
+                    f"({feature_names(self.num_layers, self.router)}), got {self.coef.shape}"
                 )
             if not np.all(np.isfinite(self.coef)) or np.any(self.scale <= 0):
                 raise ValueError("predictor: coefficients must be finite and scales positive")
@@ -470,6 +502,7 @@ class ReusePredictor:
         table=None,
         kind: str = "linear",
         trees: dict | None = None,
+        router: bool = False,
     ) -> ReusePredictor:
         """kind "linear": least squares with a small ridge on standardised features; kind
         "trees": sklearn's `GradientBoostingRegressor` (squared error; `trees` overrides
@@ -482,7 +515,7 @@ class ReusePredictor:
             raise ValueError(f"fit: {x.shape} features for {y.size} labels")
         if kind not in MODEL_KINDS:
             raise ValueError(f"fit: kind must be one of {MODEL_KINDS}, got {kind!r}")
-        common = {"table": table, "info": info}
+        common = {"table": table, "info": info, "router": router}
         if kind == "trees":
             from sklearn.ensemble import GradientBoostingRegressor
 
@@ -514,7 +547,8 @@ class ReusePredictor:
         out = {
             "format": PREDICTOR_FORMAT,
             "version": PREDICTOR_VERSION,
-            "features": [*FEATURES, *(f"layer_{i}" for i in range(self.num_layers))],
+            "features": feature_names(self.num_layers, self.router),
+            "router_half_lives_steps": list(ROUTER_HALF_LIVES),
             "half_lives_steps": list(HALF_LIVES),
             "markov_horizons_tokens": list(MARKOV_HORIZONS),
             "target": "log1p(steps to next use), capped",
@@ -544,14 +578,16 @@ class ReusePredictor:
         data = json.loads(Path(path).read_text())
         if data.get("format") != PREDICTOR_FORMAT:
             raise ValueError(f"{path}: not a {PREDICTOR_FORMAT} file")
-        if data.get("version") != PREDICTOR_VERSION:
+        if data.get("version") not in (2, PREDICTOR_VERSION):
             raise ValueError(
                 f"{path}: predictor version {data.get('version')!r}, this code reads "
                 f"{PREDICTOR_VERSION}"
             )
-        want = [*FEATURES, *(f"layer_{i}" for i in range(data["num_layers"]))]
+        router = any(name in ROUTER_FEATURES for name in data["features"])
+        want = feature_names(data["num_layers"], router)
         if (
             data["features"] != want
+            or (router and data.get("router_half_lives_steps") != list(ROUTER_HALF_LIVES))
             or list(data["half_lives_steps"]) != list(HALF_LIVES)
             or list(data["markov_horizons_tokens"]) != list(MARKOV_HORIZONS)
         ):
@@ -567,6 +603,7 @@ class ReusePredictor:
             linear=data.get("linear") if kind == "linear" else None,
             trees=TreeEnsemble.from_json(data["trees"]) if kind == "trees" else None,
             info=data["info"],
+            router=router,
         )
 
 
@@ -660,9 +697,15 @@ class LearnedPolicy:
         if self.state.clock.advance(key):
             self._ranked = None
 
+    def observe_router(self, layer, probs) -> None:
+        """The router's probabilities for `layer`'s coming call (`FeatureState.observe`),
+        from a selector (`cache_selectors.RouterFeed`) or a trace (`simulate(router=...)`);
+        read only by a predictor with router features."""
+        self.state.observe(layer, probs)
+
     def _rank(self):
         codes = np.fromiter(self._resident.values(), dtype=np.int64, count=len(self._resident))
-        scores = self.predictor.predict(self.state.features(codes))
+        scores = self.predictor.predict(self.state.features(codes, self.predictor.router))
         self.scored += codes.size
         protected = np.zeros(codes.size, dtype=bool)
         if self.protect:
@@ -706,7 +749,8 @@ class LearnedPolicy:
         if self._ranked is None:
             self._rank()
         c = self.state.code(key)
-        mine = float(self.predictor.predict(self.state.features(np.array([c])))[0])
+        row = self.state.features(np.array([c]), self.predictor.router)
+        mine = float(self.predictor.predict(row)[0])
         call = self.state.clock.call
         codes, scores, protected = self._scores
         score = dict(zip(codes.tolist(), scores.tolist(), strict=True))
@@ -744,7 +788,14 @@ class LearnedPolicy:
 
 
 def training_rows(
-    keys, layers, num_experts: int, cap: float, stride: int = 1, seen_only=True, table=None
+    keys,
+    layers,
+    num_experts: int,
+    cap: float,
+    stride: int = 1,
+    seen_only=True,
+    table=None,
+    router=None,
 ):
     """(features, labels, times) for every key seen so far, at the start of every `stride`-th
     layer call of the (A, 2) request sequence `keys` (token-by-token order).
@@ -754,7 +805,9 @@ def training_rows(
     trace's end by more than `cap` steps, is labelled log1p(cap); a key whose next use is
     unknown (the trace ends within `cap` steps) gives no row. The features come from the
     same `FeatureState` the policy runs (with the co-occurrence `table`, None: zeros), so
-    train and serve cannot drift apart."""
+    train and serve cannot drift apart. `router` ({request index: [(layer, probabilities)]},
+    `expert_trace.router_plan`) is observed as `simulate` gives it to the policy, and adds
+    the ROUTER_FEATURES columns."""
     keys = np.asarray(keys, dtype=np.int64).reshape(-1, 2)
     state = FeatureState(layers, num_experts, table)
     num_layers = state.clock.num_layers
@@ -778,6 +831,8 @@ def training_rows(
     upcoming = first_use.copy()  # next use at or after the present, updated as we go
     calls = 0
     for i, k in enumerate(keys):
+        for layer, probs in (router or {}).get(i, ()):
+            state.observe(layer, probs)
         if state.clock.advance(k):
             calls += 1
             if calls % stride == 0:
@@ -789,11 +844,11 @@ def training_rows(
                     known = (nxt >= 0) | ((end - now) / num_layers >= cap)
                     if known.any():
                         rows = seen[known]
-                        xs.append(state.features(rows))
+                        xs.append(state.features(rows, router is not None))
                         ys.append(np.log1p(np.minimum(steps[known], cap)))
         state.use(k)
         upcoming[codes[i]] = order_next[i]
-    width = len(FEATURES) + num_layers
+    width = len(feature_names(num_layers, router is not None))
     if not xs:
         return np.zeros((0, width)), np.zeros(0)
     return np.concatenate(xs), np.concatenate(ys)

@@ -48,6 +48,7 @@ from sage_core.offload.expert_trace import (
     concatenate,
     prediction_quality,
     prefetch_plan,
+    router_plan,
 )
 from sage_core.studies.experiments import resolve_model_path
 from sage_core.studies.statistics import t_interval
@@ -239,15 +240,7 @@ def _record_context(model, recorder, tokenizer, context, settings, corpus):
         trace = recorder.trace()
         first = trace.call_of == 0
         for phase, rows in (("prefill", first), ("decode", ~first)):
-            parts[phase].append(
-                RoutingTrace(
-                    trace.experts[rows],
-                    trace.predicted[rows],
-                    trace.call_of[rows],
-                    trace.layers,
-                    trace.num_experts,
-                )
-            )
+            parts[phase].append(trace.rows(rows))
     return {phase: concatenate(parts[phase]) for phase in PHASES}
 
 
@@ -1323,15 +1316,7 @@ def record_training_traces(model, tokenizer, seed=PREDICTOR_SEED, settings=None,
                 trace = recorder.trace()
                 first = trace.call_of == 0
                 for phase, rows in (("prefill", first), ("decode", ~first)):
-                    parts[phase].append(
-                        RoutingTrace(
-                            trace.experts[rows],
-                            trace.predicted[rows],
-                            trace.call_of[rows],
-                            trace.layers,
-                            trace.num_experts,
-                        )
-                    )
+                    parts[phase].append(trace.rows(rows))
             out[context] = {phase: concatenate(parts[phase]) for phase in PHASES}
     finally:
         model.set_selector(None)
@@ -1347,16 +1332,33 @@ def predictor_table(traces) -> np.ndarray:
     return cooccurrence_table(arrays, next(iter(next(iter(traces.values())).values())).num_experts)
 
 
-def predictor_rows(traces, table, cap: float = PREDICTOR_CAP_STEPS, stride: int = 1):
+def observed_router(trace, predictor=None, router: bool | None = None):
+    """The router plan (`expert_trace.router_plan`) a router-fed predictor reads on `trace`,
+    None for a predictor without router features (`router` overrides the predictor's)."""
+    wanted = predictor.router if router is None else router
+    if not wanted:
+        return None
+    if trace.router is None:
+        raise ValueError("a router-fed predictor needs traces with router probabilities")
+    return router_plan(trace)
+
+
+def predictor_rows(
+    traces, table, cap: float = PREDICTOR_CAP_STEPS, stride: int = 1, router: bool = False
+):
     """(features, labels) of every (context, phase) trace of `traces`, each on its own (the
-    clock restarts per trace, as a fresh cache would)."""
+    clock restarts per trace, as a fresh cache would); with `router`, the router features
+    from the traces' recorded probabilities."""
     from sage_core.offload.reuse import training_rows
 
     xs, ys = [], []
     for phases in traces.values():
         for trace in phases.values():
             keys, _ = access_sequence(trace)
-            x, y = training_rows(keys, trace.layers, trace.num_experts, cap, stride, table=table)
+            plan = observed_router(trace, router=router)
+            x, y = training_rows(
+                keys, trace.layers, trace.num_experts, cap, stride, table=table, router=plan
+            )
             xs.append(x)
             ys.append(y)
     return np.concatenate(xs), np.concatenate(ys)
@@ -1370,14 +1372,16 @@ def fit_predictor(
     kind: str = "linear",
     max_rows: int | None = None,
     trees: dict | None = None,
+    router: bool = False,
 ):
     """A `ReusePredictor` fitted on every (context, phase) trace of `traces`: the
     co-occurrence table counted on them, then the model (`kind`) on their rows (at most
-    `max_rows`, a seeded uniform sample, for the trees)."""
+    `max_rows`, a seeded uniform sample, for the trees); with `router`, on the router
+    features too."""
     from sage_core.offload.reuse import ReusePredictor
 
     table = predictor_table(traces)
-    x, y = predictor_rows(traces, table, cap, stride)
+    x, y = predictor_rows(traces, table, cap, stride, router)
     if max_rows is not None and y.size > max_rows:
         pick = np.sort(np.random.default_rng(0).choice(y.size, max_rows, replace=False))
         x, y = x[pick], y[pick]
@@ -1393,6 +1397,7 @@ def fit_predictor(
         table=table,
         kind=kind,
         trees=trees,
+        router=router,
     )
 
 
@@ -1420,11 +1425,14 @@ def simulate_reuse_policies(
         calls = cache_policy.layer_calls(keys, token_of)
         for cap, fraction in zip(capacities(total, fractions), fractions, strict=True):
             sims = []
+            plan = observed_router(trace, predictor)
             for p in online:
                 options = {"predictor": predictor} if p == "learned" else {}
                 start = time.perf_counter()
                 sim = cache_policy.simulate(
-                    keys, cache_policy.make_policy(p, cap, layers=layers, **options)
+                    keys,
+                    cache_policy.make_policy(p, cap, layers=layers, **options),
+                    router=plan if p == "learned" else None,
                 )
                 sims.append((sim.policy, sim, time.perf_counter() - start))
             for t in REUSE_LOOKAHEAD_TOKENS:
@@ -1499,10 +1507,11 @@ def simulate_protection(sets, predictor, fraction: float = 0.25, experts: int | 
                 "learned", cap, layers=layers, predictor=predictor, protect=protect
             )
 
+        seen = observed_router(trace, predictor)
         sims = {
-            "learned": cache_policy.simulate(keys, learned()),
-            "learned_protect": cache_policy.simulate(keys, learned(m)),
-            "learned_prefetch": cache_policy.simulate(keys, learned(m), plan),
+            "learned": cache_policy.simulate(keys, learned(), router=seen),
+            "learned_protect": cache_policy.simulate(keys, learned(m), router=seen),
+            "learned_prefetch": cache_policy.simulate(keys, learned(m), plan, router=seen),
             "lru": cache_policy.simulate(keys, cache_policy.make_policy("lru", cap)),
             "lru_next_layer": cache_policy.simulate(
                 keys, cache_policy.make_policy("lru", cap), prefetch_plan(trace)
@@ -1590,6 +1599,7 @@ def predictor_accuracy(sets, predictor, horizons=(1, 2, 4, 8), stride: int = 4) 
                     predictor.cap,
                     stride,
                     table=predictor.table,
+                    router=observed_router(trace, predictor),
                 )
                 xs.append(x)
                 ys.append(y)
@@ -1609,15 +1619,60 @@ def tuning_hit_rates(traces, predictor, fraction: float = 0.25) -> dict[str, flo
             cap = capacities(trace.num_experts * len(trace.layers), [fraction])[0]
             layers = [int(x) for x in trace.layers]
             policy = cache_policy.make_policy("learned", cap, layers=layers, predictor=predictor)
-            out[f"{context} {phase}"] = cache_policy.simulate(keys, policy).hit_rate
+            plan = observed_router(trace, predictor)
+            out[f"{context} {phase}"] = cache_policy.simulate(keys, policy, router=plan).hit_rate
     return out
 
 
+PREDICTOR_CANDIDATES = {  # name: (model kind, router features)
+    "linear": ("linear", False),
+    "trees": ("trees", False),
+    "linear+router": ("linear", True),
+    "trees+router": ("trees", True),
+}
+
+
+def tuning_report(traces, predictor, fraction: float = 0.25, stride: int = 4) -> dict:
+    """On tuning traces {context: {phase: trace}}: the learned policy's hit rate and share of
+    the LRU-to-Belady gap closed per "context phase" at `fraction`, and the AUC of the
+    predicted distance for "used within h steps" (h = 1, 2, 4, 8), pooled."""
+    from sklearn.metrics import roc_auc_score
+
+    from sage_core.offload.reuse import training_rows
+
+    hits = tuning_hit_rates(traces, predictor, fraction)
+    gap, xs, ys = {}, [], []
+    for context, phases in traces.items():
+        for phase, trace in phases.items():
+            keys, _ = access_sequence(trace)
+            cap = capacities(trace.num_experts * len(trace.layers), [fraction])[0]
+            lru = cache_policy.simulate(keys, cache_policy.make_policy("lru", cap)).hit_rate
+            belady = cache_policy.simulate_belady(keys, cap).hit_rate
+            gap[f"{context} {phase}"] = (hits[f"{context} {phase}"] - lru) / (belady - lru)
+            x, y = training_rows(
+                keys,
+                trace.layers,
+                trace.num_experts,
+                predictor.cap,
+                stride,
+                table=predictor.table,
+                router=observed_router(trace, predictor),
+            )
+            xs.append(x)
+            ys.append(y)
+    score = -predictor.predict(np.concatenate(xs))
+    steps = np.expm1(np.concatenate(ys))
+    auc = {h: float(roc_auc_score(steps < h, score)) for h in (1, 2, 4, 8)}
+    return {"hit_rate": hits, "gap_closed": gap, "auc": auc}
+
+
 def fit_default_predictor(model_path=None, out=None) -> Path:
-    """Record training-text traces on the default model (seed `PREDICTOR_SEED`), fit a
-    linear and a tree predictor on them, choose the one with the higher mean hit rate at
-    25% on other training-text windows (seed `PREDICTOR_TUNING_SEED`; never held-out
-    text), and write it with both tuning scores in its info."""
+    """Record training-text traces on the default model (seed `PREDICTOR_SEED`, the router's
+    probabilities included), fit every `PREDICTOR_CANDIDATES` predictor on them (linear or
+    trees, with or without the router features), choose the one with the highest mean hit
+    rate at 25% on other training-text windows (seed `PREDICTOR_TUNING_SEED`; never
+    held-out text), print each one's tuning report (hit rate, gap closed, AUC) and write the
+    chosen one with every candidate's tuning scores in its info."""
     from sage_core.offload.reuse import DEFAULT_PREDICTOR
     from sage_core.studies.experiments import load_model
 
@@ -1639,28 +1694,42 @@ def fit_default_predictor(model_path=None, out=None) -> Path:
         "command": "python -m sage_core.studies.expert_offloading fit-predictor",
     }
     fitted = {
-        kind: fit_predictor(
+        name: fit_predictor(
             traces,
             stride=2,
             info=info,
             kind=kind,
             max_rows=PREDICTOR_MAX_TREE_ROWS if kind == "trees" else None,
+            router=router,
         )
-        for kind in ("linear", "trees")
+        for name, (kind, router) in progress(PREDICTOR_CANDIDATES.items(), desc="fit")
     }
-    scores = {kind: tuning_hit_rates(tuning, p) for kind, p in fitted.items()}
-    means = {kind: float(np.mean(list(v.values()))) for kind, v in scores.items()}
+    reports = {name: tuning_report(tuning, p) for name, p in fitted.items()}
+    means = {name: float(np.mean(list(r["hit_rate"].values()))) for name, r in reports.items()}
     chosen = max(means, key=means.get)
-    for kind, v in scores.items():
-        print(f"{kind}: mean hit rate at 25% on tuning traces {means[kind]:.4f}", v)
+    for name, r in reports.items():
+        print(f"{name}: mean hit rate at 25% on tuning traces {means[name]:.4f}")
+        for cell, h in r["hit_rate"].items():
+            print(f"  {cell:>17}: hit rate {h:.4f}, gap closed {100 * r['gap_closed'][cell]:+.1f}%")
+        print("  AUC " + ", ".join(f"h={h}: {v:.3f}" for h, v in r["auc"].items()))
+    print("chosen:", chosen)
     predictor = fitted[chosen]
     predictor.info.update(
-        chosen_kind=chosen,
+        chosen=chosen,
+        chosen_kind=predictor.kind,
         tuning={
             "seed": PREDICTOR_TUNING_SEED,
             "prompts_per_context": PREDICTOR_TUNING_PROMPTS,
             "fraction": 0.25,
-            "hit_rate": {k: {c: round(h, 4) for c, h in v.items()} for k, v in scores.items()},
+            "hit_rate": {
+                k: {c: round(h, 4) for c, h in r["hit_rate"].items()} for k, r in reports.items()
+            },
+            "gap_closed": {
+                k: {c: round(g, 4) for c, g in r["gap_closed"].items()} for k, r in reports.items()
+            },
+            "auc": {
+                k: {str(h): round(v, 4) for h, v in r["auc"].items()} for k, r in reports.items()
+            },
             "mean_hit_rate": {k: round(v, 4) for k, v in means.items()},
         },
     )
@@ -1695,8 +1764,9 @@ def policy_time(seeds=(0, 1, 2), fraction: float = 0.25, repeats: int = 3) -> di
                 cap = capacities(trace.num_experts * len(trace.layers), [fraction])[0]
                 layers = [int(x) for x in trace.layers]
                 policy = cache_policy.make_policy(name, cap, layers=layers, **options)
+                plan = observed_router(trace, predictor) if name == "learned" else None
                 start = time.perf_counter()
-                cache_policy.simulate(keys, policy)
+                cache_policy.simulate(keys, policy, router=plan)
                 spent += time.perf_counter() - start
                 tokens += trace.num_tokens
             times[name].append(spent / tokens)
