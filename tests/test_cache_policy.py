@@ -578,11 +578,12 @@ def test_a_prefetch_never_evicts_a_protected_expert():
 # --- the learned policy's fast paths decide as the direct evaluation does ---------------------
 
 
-def direct_features(state, codes):
+def direct_features(state, codes, router=False):
     """The features as first written (one numpy expression per feature, per call): the
     reference the tabulated, incremental `FeatureState.features` must equal bit for bit."""
     num_layers, step, p = state.clock.num_layers, state.clock.step, state.clock.pos
-    out = np.empty((len(reuse.FEATURES) + num_layers, codes.size))
+    extra = len(reuse.ROUTER_FEATURES) if router else 0
+    out = np.empty((len(reuse.FEATURES) + extra + num_layers, codes.size))
     since = (state.clock.time - state.last[codes]) * (1.0 / num_layers)
     out[0] = np.log1p(since)
     out[1] = np.divide(1.0, 1.0 + since)
@@ -595,7 +596,9 @@ def direct_features(state, codes):
     out[8] = state.last_step[codes] >= step - 1
     out[9] = out[0] * out[4]
     out[10 : reuse.MARKOV_1 + len(reuse.MARKOV_HORIZONS)] = state.markov()[:, codes]
-    out[len(reuse.FEATURES) :] = q == np.arange(num_layers)[:, None]
+    if router:
+        out[len(reuse.FEATURES) : len(reuse.FEATURES) + extra] = state.router[:, codes]
+    out[len(reuse.FEATURES) + extra :] = q == np.arange(num_layers)[:, None]
     return out.T
 
 
@@ -612,8 +615,8 @@ class DirectLearned(reuse.LearnedPolicy):
 
     def _rank(self):
         codes = np.fromiter(self._resident.values(), dtype=np.int64)
-        x = direct_features(self.state, codes)
         p = self.predictor
+        x = direct_features(self.state, codes, p.router)
         scores = walked(p.trees, x) if p.trees is not None else x @ p._w + p._b
         protected = np.zeros(codes.size, dtype=bool)
         if self.protect:
@@ -649,9 +652,13 @@ def test_tabulated_features_equal_the_direct_expressions_bit_for_bit():
     state = reuse.FeatureState([0, 1, 2, 3], 32, predictor.table)
     checked = 0
     for k in keys:
+        state.observe(k[0], rng.dirichlet(np.ones(32)))
         if state.clock.advance(k):
             codes = rng.choice(128, 40)
-            assert np.array_equal(state.features(codes), direct_features(state, codes))
+            for router in (False, True):
+                assert np.array_equal(
+                    state.features(codes, router), direct_features(state, codes, router)
+                )
             checked += 1
         state.use(k)
     assert checked == 160
@@ -663,7 +670,8 @@ def test_tree_leaf_table_reaches_the_leaves_the_walk_reaches():
     predictor = reuse.default_predictor()
     assert predictor.trees._leaf_of_code is not None  # the committed trees take the table path
     rng = np.random.default_rng(2)
-    x = rng.normal(size=(300, len(reuse.FEATURES) + 4)) * rng.choice([0.01, 1, 10], size=(1, 18))
+    width = len(reuse.feature_names(4, predictor.router))
+    x = rng.normal(size=(300, width)) * rng.choice([0.01, 1, 10], size=(1, width))
     # Values exactly at, just above and just below float32-rounded thresholds.
     t = predictor.trees
     for i, (f, thr) in enumerate(zip(t._feature[:300], t._threshold[:300], strict=True)):
@@ -683,7 +691,9 @@ def test_fast_learned_policy_makes_the_direct_policys_decisions(capacity, protec
         plan = {i: [(int(keys[i, 0]), int(e)) for e in rng.choice(32, 2)] for i in range(8, 760, 4)}
     fast = reuse.LearnedPolicy(capacity, [0, 1, 2, 3], predictor, protect=protect)
     direct = DirectLearned(capacity, [0, 1, 2, 3], predictor, protect=protect)
-    a, b = cp.simulate(keys, fast, plan), cp.simulate(keys, direct, plan)
+    rng = np.random.default_rng(7)  # router probabilities before each layer call
+    router = {i: [(int(keys[i, 0]), rng.dirichlet(np.full(32, 0.3)))] for i in range(0, 768, 4)}
+    a, b = cp.simulate(keys, fast, plan, router), cp.simulate(keys, direct, plan, router)
     assert np.array_equal(a.hits, b.hits) and a.prefetched == b.prefetched
     assert fast.keys() == direct.keys()
     assert a.misses > capacity and a.hits.any()  # evictions happened, and hits
