@@ -212,6 +212,7 @@ class FeatureState:
         # of its layer and moving averages over its layer's calls (0 before any).
         self.router = np.zeros((len(ROUTER_FEATURES), size))
         self._router_keep = np.array([0.5 ** (1.0 / h) for h in ROUTER_HALF_LIVES])[:, None]
+        self._router_new = 1.0 - self._router_keep
 
     def code(self, key) -> int:
         e = int(key[1])
@@ -223,10 +224,14 @@ class FeatureState:
         """The router's probabilities over `layer`'s experts for the call about to ask the
         cache (a one-token forward's row; the mean over rows of a longer one)."""
         q = self.clock.pos_of((layer, 0))
-        probs = np.asarray(probs, dtype=np.float64).reshape(-1, self.num_experts).mean(0)
+        probs = np.asarray(probs, dtype=np.float64)
+        if probs.ndim > 1:  # (the mean of one row is the row: skipped, same values)
+            probs = probs.reshape(-1, self.num_experts).mean(0)
         block = self.router[:, q * self.num_experts : (q + 1) * self.num_experts]
         block[0] = probs
-        block[1:] = block[1:] * self._router_keep + (1.0 - self._router_keep) * probs
+        # In place, the same products and sum as block * keep + (1 - keep) * probs.
+        block[1:] *= self._router_keep
+        block[1:] += self._router_new * probs
 
     def _decay(self, d: int):
         """exp(-rate * d / L) per half-life, for a distance of `d` layer calls (cached)."""
