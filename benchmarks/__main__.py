@@ -81,6 +81,10 @@ def main(argv=None) -> int:
         "\"ceiling estimate, same products\" is the reference's time over sage_core's matrix",
         "products alone, replayed back to back (attention's fused kernel not included): a",
         "guide to what an implementation issuing the same products might reach.",
+        "sage_core's prefill issues each layer's expert products as two torch._grouped_mm",
+        'calls; the row "sage_core with its per-expert loop" times it against the same',
+        "model with its per-expert Python loop instead (the path kept where _grouped_mm is not",
+        "usable: autograd, experts loaded on demand, other devices).",
         "",
         f"- {rates.describe()}",
         f"- torch {torch.__version__}, transformers {transformers.__version__}, "
