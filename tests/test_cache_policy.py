@@ -595,11 +595,23 @@ def direct_features(state, codes, router=False):
     out[7] = state.count[codes] * (1.0 / (step + 1.0))
     out[8] = state.last_step[codes] >= step - 1
     out[9] = out[0] * out[4]
-    out[10 : reuse.MARKOV_1 + len(reuse.MARKOV_HORIZONS)] = state.markov()[:, codes]
+    out[10 : reuse.MARKOV_1 + len(reuse.MARKOV_HORIZONS)] = direct_markov(state)[:, codes]
     if router:
         out[len(reuse.FEATURES) : len(reuse.FEATURES) + extra] = state.router[:, codes]
     out[len(reuse.FEATURES) + extra :] = q == np.arange(num_layers)[:, None]
     return out.T
+
+
+def direct_markov(state):
+    """Every layer's co-occurrence scores recomputed from its latest finished call (the
+    definition, no caching)."""
+    table = state.table
+    out = np.zeros(table.shape[:3])
+    for layer in range(state.clock.num_layers):
+        current = state.now_call[layer] == state.clock.call
+        used = state.before[layer] if current else state.now[layer]
+        out[:, layer] = (used / max(used.sum(), 1.0)) @ table[:, layer]
+    return out.reshape(len(table), -1)
 
 
 def walked(trees, x):
@@ -620,7 +632,7 @@ class DirectLearned(reuse.LearnedPolicy):
         scores = walked(p.trees, x) if p.trees is not None else x @ p._w + p._b
         protected = np.zeros(codes.size, dtype=bool)
         if self.protect:
-            markov = self.state.markov()[0].reshape(self.state.clock.num_layers, -1)
+            markov = direct_markov(self.state)[0].reshape(self.state.clock.num_layers, -1)
             top = np.argsort(-markov, axis=1, kind="stable")[:, : self.protect]
             mask = np.zeros(markov.shape, dtype=bool)
             np.put_along_axis(mask, top, True, axis=1)

@@ -190,9 +190,10 @@ class FeatureState:
         self.now = np.zeros((num_layers, self.num_experts))
         self.before = np.zeros((num_layers, self.num_experts))
         self.now_call = np.full(num_layers, -1, dtype=np.int64)
+        self.before_call = np.full(num_layers, -1, dtype=np.int64)  # the call of `before`
         self._markov = np.zeros(shape[:3])  # (H, L, E), see `markov`
         self._markov_flat = self._markov.reshape(len(MARKOV_HORIZONS), -1)  # a view
-        self._markov_ident = np.full(num_layers, -1, dtype=np.int64)
+        self._markov_source = np.full(num_layers, -1, dtype=np.int64)  # call it was read from
         self.last = np.full(size, -(10**9), dtype=np.int64)  # time of last use
         self.last_step = np.full(size, -(10**9), dtype=np.int64)
         self.count = np.zeros(size, dtype=np.float64)
@@ -242,41 +243,44 @@ class FeatureState:
 
     def use(self, key) -> int:
         """Record a use of `key` now (the clock already at its layer call); -> its code."""
-        c = self.code(key)
         clock = self.clock
-        now = clock.time
-        decayed = self.decayed
-        if self.count[c]:
-            f = self._decay(now - int(self.last[c]))
-            for h in range(len(f)):
-                decayed[h, c] = decayed[h, c] * f[h] + 1.0
+        e = int(key[1])
+        if not 0 <= e < self.num_experts:
+            raise ValueError(f"expert {e} outside [0, {self.num_experts})")
+        q = clock.pos_of(key)
+        c = q * self.num_experts + e
+        now, call = clock.step * clock.num_layers + clock.pos, clock.call
+        decayed, count = self.decayed, self.count
+        n = count[c]
+        if n:
+            for h, factor in enumerate(self._decay(now - int(self.last[c]))):
+                decayed[h, c] = decayed[h, c] * factor + 1.0
         else:  # nothing to decay: the count starts at one
             decayed[:, c] = 1.0
-        self.count[c] += 1
+        count[c] = n + 1
         self.last[c] = now
         self.last_step[c] = clock.step
-        self.call_of_use[c] = clock.call
-        q, e = divmod(c, self.num_experts)
-        if self.now_call[q] != clock.call:
+        self.call_of_use[c] = call
+        if self.now_call[q] != call:
             self.before[q] = self.now[q]
+            self.before_call[q] = self.now_call[q]
             self.now[q] = 0.0
-            self.now_call[q] = clock.call
+            self.now_call[q] = call
         self.now[q, e] = 1.0
         return c
 
     def markov(self) -> np.ndarray:
         """(H, L * E) co-occurrence scores of every key: the table averaged over the experts
         of the key's layer's latest *finished* call (the one in progress is not complete).
-        A layer's scores are recomputed only when that call changes (at most two layers a
-        layer call)."""
+        A layer's scores are recomputed only when that finished call changes (one layer a
+        layer call: the one whose call just ended)."""
         current = self.now_call == self.clock.call
-        ident = self.now_call * 2 + current
-        if not np.array_equal(ident, self._markov_ident):
-            for layer in np.flatnonzero(ident != self._markov_ident):
-                used = self.before[layer] if current[layer] else self.now[layer]
-                weights = used / max(used.sum(), 1.0)
-                self._markov[:, layer] = weights @ self.table[:, layer]
-            self._markov_ident = ident
+        source = np.where(current, self.before_call, self.now_call)
+        for layer in np.flatnonzero(source != self._markov_source):
+            used = self.before[layer] if current[layer] else self.now[layer]
+            weights = used / max(used.sum(), 1.0)
+            self._markov[:, layer] = weights @ self.table[:, layer]
+        self._markov_source = source
         return self._markov_flat
 
     def _since(self, d: np.ndarray) -> np.ndarray:
@@ -385,8 +389,9 @@ class TreeEnsemble:
         n, width = x.shape
         if self._leaf_of_code is not None and n:
             trees, internal = self.feature.shape
-            split = x.T.take(self._feature, axis=0) > self._threshold32  # (trees * 15, n)
-            code = self._powers @ split.reshape(trees, internal, n).astype(np.float32)
+            split = np.empty((trees * internal, n), dtype=np.float32)  # 1.0 where right
+            np.greater(x.T.take(self._feature, axis=0), self._threshold32, out=split)
+            code = self._powers @ split.reshape(trees, internal, n)
             leaf = self._leaf_of_code.take(code.astype(np.intp)) + self._tree_leaf_offset
             # Summed over trees in tree order (axis 0), as the walk below sums them.
             return self.base + self._leaf.take(leaf).sum(0)

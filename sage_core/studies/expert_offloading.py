@@ -1736,6 +1736,41 @@ def fit_default_predictor(model_path=None, out=None) -> Path:
     return predictor.save(out or DEFAULT_PREDICTOR)
 
 
+def per_context_report(model_path=None) -> dict:
+    """Per-context predictors, measured on tuning windows only: for each context, trees with
+    router features fitted on that context's training traces (seed `PREDICTOR_SEED`,
+    table and rows of that context alone) against the one predictor fitted on all contexts,
+    both scored on the context's tuning traces (seed `PREDICTOR_TUNING_SEED`); prints and
+    returns {context: {"global": report, "own": report}} (`tuning_report`). A measurement,
+    not adopted: a cache would need to be told the context."""
+    from sage_core.studies.experiments import load_model
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model, tokenizer, _ = load_model(model_path, "cpu", "float32")
+    traces = record_training_traces(model, tokenizer)
+    tuning = record_training_traces(
+        model,
+        tokenizer,
+        seed=PREDICTOR_TUNING_SEED,
+        settings={"prompts_per_context": PREDICTOR_TUNING_PROMPTS},
+    )
+    common = {"stride": 2, "kind": "trees", "max_rows": PREDICTOR_MAX_TREE_ROWS, "router": True}
+    shared = fit_predictor(traces, **common)
+    out = {}
+    for context in progress(CONTEXTS, desc="per-context fits"):
+        own = fit_predictor({context: traces[context]}, **common)
+        mine = {context: tuning[context]}
+        out[context] = {"global": tuning_report(mine, shared), "own": tuning_report(mine, own)}
+        for name, r in out[context].items():
+            cells = ", ".join(
+                f"{c}: hit {r['hit_rate'][c]:.4f} gap {100 * g:+.1f}%"
+                for c, g in r["gap_closed"].items()
+            )
+            print(f"{context:>9} {name:>6}: {cells}; AUC h=4 {r['auc'][4]:.3f}")
+    return out
+
+
 def policy_time(seeds=(0, 1, 2), fraction: float = 0.25, repeats: int = 3) -> dict:
     """The policies' own time per decoded token (simulation over held-out decode traces of
     `seeds`, bookkeeping included) and as a share of a greedy decode step of the default
@@ -1859,6 +1894,8 @@ if __name__ == "__main__":
 
     if sys.argv[1:] == ["fit-predictor"]:
         print(fit_default_predictor())
+    elif sys.argv[1:] == ["per-context"]:
+        per_context_report()
     elif sys.argv[1:] == ["tune-swaps"]:
         tune_swaps()
     elif sys.argv[1:] == ["policy-time"]:
@@ -1870,5 +1907,5 @@ if __name__ == "__main__":
     else:
         sys.exit(
             "usage: python -m sage_core.studies.expert_offloading "
-            "fit-predictor|policy-time|tune-swaps"
+            "fit-predictor|policy-time|tune-swaps|per-context"
         )
