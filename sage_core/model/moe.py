@@ -31,7 +31,8 @@ GATHER_MAX_TOKENS = 4
 # of a layer go through one torch._grouped_mm call each (`grouped_mm_expert_mix`), which
 # walks the experts in C++ where `grouped_expert_mix` slices, transposes and launches them
 # from Python (`python -m benchmarks` times the two side by side). Only on CPU, where it
-# was measured; its CUDA kernel wants bfloat16 on recent GPUs and is unmeasured here.
+# was measured (faster in float32, bfloat16 and float16, same outputs as the loop); its
+# CUDA kernel wants bfloat16 on recent GPUs and is unmeasured here.
 # `grouped_expert_mix` stays the path for autograd (torch._grouped_mm has no CPU backward),
 # for on-demand expert providers, and for shapes the kernel rejects.
 GROUPED_MM_DEVICES = ("cpu",)
