@@ -64,10 +64,13 @@ def read_rates(sets, fraction: float, policy: str, prefetch: bool) -> dict[int, 
             trace = phases["decode"]
             keys, _ = access_sequence(trace)
             cap = offloading.capacities(trace.num_experts * len(trace.layers), [fraction])[0]
+            made = cache_policy.make_policy(policy, cap, layers=[int(x) for x in trace.layers])
+            predictor = getattr(made, "predictor", None)  # the learned policy reads the router
             sim = cache_policy.simulate(
                 keys,
-                cache_policy.make_policy(policy, cap, layers=[int(x) for x in trace.layers]),
+                made,
                 prefetch=prefetch_plan(trace) if prefetch else None,
+                router=offloading.observed_router(trace, predictor) if predictor else None,
             )
             demand, ahead = layer_reads(trace, sim)
             totals = totals + np.stack([demand.sum(0), ahead.sum(0)])
