@@ -90,18 +90,19 @@ def q3omni_reads(rates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return m["top_k"] * demand, m["top_k"] * ahead
 
 
+def _steps(rates: np.ndarray, link_bytes_per_s: float) -> dict:
+    """`decode_timeline` of `TOKENS` identical Q3-Omni steps from (2, L) rates."""
+    demand, ahead = q3omni_reads(rates)
+    costs = q3omni_layer_costs(link_bytes_per_s)
+    return decode_timeline(np.tile(demand, (TOKENS, 1)), np.tile(ahead, (TOKENS, 1)), *costs)
+
+
 def step(rates: np.ndarray, link_bytes_per_s: float) -> dict:
     """One arm's Q3-Omni decode step over one link: tokens/s from the timeline, and the two
     one-sided bounds (transfers alone, compute alone), with the share of time stalled."""
     demand, ahead = q3omni_reads(rates)
     attention_s, experts_s, transfer_s = q3omni_layer_costs(link_bytes_per_s)
-    out = decode_timeline(
-        np.tile(demand, (TOKENS, 1)),
-        np.tile(ahead, (TOKENS, 1)),
-        attention_s,
-        experts_s,
-        transfer_s,
-    )
+    out = _steps(rates, link_bytes_per_s)
     token_s = float(out["token_s"][TOKENS // 2 :].mean())
     compute_s = len(demand) * (attention_s + experts_s)
     moved = float(demand.sum() + ahead.sum())
@@ -148,19 +149,11 @@ def plot_step(rates_by_arm: dict, link: str, layers: int = 6):
     arm ({label: (2, L) rates}) over `link`: compute, stalls and the link's transfers."""
     import matplotlib.pyplot as plt
 
-    attention_s, experts_s, transfer_s = q3omni_layer_costs(offloading.LINKS[link])
     colors = {"attention": "C7", "experts": "C0", "stall": "C3", "demand": "C1", "ahead": "C2"}
     fig, axes = plt.subplots(len(rates_by_arm), 1, figsize=(10, 1.6 * len(rates_by_arm) + 0.8))
     axes = np.atleast_1d(axes)
     for ax, (label, rates) in zip(axes, rates_by_arm.items(), strict=True):
-        demand, ahead = q3omni_reads(rates)
-        out = decode_timeline(
-            np.tile(demand, (TOKENS, 1)),
-            np.tile(ahead, (TOKENS, 1)),
-            attention_s,
-            experts_s,
-            transfer_s,
-        )
+        out = _steps(rates, offloading.LINKS[link])
         t = TOKENS - 1
         mine = [e for e in out["events"] if e[0] == t and e[1] < layers]
         origin = min(e[3] for e in mine)
