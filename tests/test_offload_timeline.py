@@ -43,3 +43,21 @@ def test_read_rates_pool_the_decode_traces_as_shares_of_top_k():
     rates = ot.read_rates(sets, 1.0, "lru", prefetch=False)[7]
     # everything fits: token 0 misses both experts of both layers, token 1 none
     assert rates.tolist() == [[0.5, 0.5], [0.0, 0.0]]
+
+
+def test_slower_on_every_link_needs_every_link():
+    rows = [
+        {"seed": s, "arm": arm, "link": link, "tokens_per_s": v}
+        for s, arm, link, v in (
+            (0, "a", "x", 1.0),
+            (0, "b", "x", 2.0),
+            (0, "a", "y", 1.0),
+            (0, "b", "y", 2.0),
+            (1, "a", "x", 1.0),
+            (1, "b", "x", 2.0),
+            (1, "a", "y", 3.0),
+            (1, "b", "y", 2.0),
+        )
+    ]
+    assert ot.slower_on_every_link(rows, "a", "b") == [0]
+    assert ot.slower_on_every_link(rows, "b", "a") == []

@@ -1578,35 +1578,42 @@ def reads_ratio(rows, fraction: float, arm: str, reference: str = "lru", phase="
     return dict(out, mean=out["ratio"])
 
 
-def predictor_accuracy(sets, predictor, horizons=(1, 2, 4, 8), stride: int = 4) -> dict:
-    """{horizon: t interval over seeds of the AUC of the predicted distance for "used within
-    the next `horizon` steps"}, on every key seen so far at every `stride`-th layer call of
-    the traces (pooled over contexts and phases per seed)."""
+def distance_auc(traces, predictor, horizons=(1, 2, 4, 8), stride: int = 4) -> dict:
+    """{horizon: AUC of the predicted distance for "used within the next `horizon` steps"}
+    on every key seen so far at every `stride`-th layer call of `traces` (a list), pooled."""
     from sklearn.metrics import roc_auc_score
 
     from sage_core.offload.reuse import training_rows
 
+    xs, ys = [], []
+    for trace in traces:
+        keys, _ = access_sequence(trace)
+        x, y = training_rows(
+            keys,
+            trace.layers,
+            trace.num_experts,
+            predictor.cap,
+            stride,
+            table=predictor.table,
+            router=observed_router(trace, predictor),
+        )
+        xs.append(x)
+        ys.append(y)
+    score = -predictor.predict(np.concatenate(xs))
+    steps = np.expm1(np.concatenate(ys))
+    return {h: float(roc_auc_score(steps < h, score)) for h in horizons}
+
+
+def predictor_accuracy(sets, predictor, horizons=(1, 2, 4, 8), stride: int = 4) -> dict:
+    """{horizon: t interval over seeds of `distance_auc`}, each seed's traces pooled over
+    contexts and phases."""
     per_seed = {h: [] for h in horizons}
-    for _seed, traces in sets.items():
-        xs, ys = [], []
-        for phases in traces.values():
-            for trace in phases.values():
-                keys, _ = access_sequence(trace)
-                x, y = training_rows(
-                    keys,
-                    trace.layers,
-                    trace.num_experts,
-                    predictor.cap,
-                    stride,
-                    table=predictor.table,
-                    router=observed_router(trace, predictor),
-                )
-                xs.append(x)
-                ys.append(y)
-        score = -predictor.predict(np.concatenate(xs))
-        steps = np.expm1(np.concatenate(ys))
+    for traces in sets.values():
+        auc = distance_auc(
+            [t for phases in traces.values() for t in phases.values()], predictor, horizons, stride
+        )
         for h in horizons:
-            per_seed[h].append(float(roc_auc_score(steps < h, score)))
+            per_seed[h].append(auc[h])
     return {h: t_interval(v) for h, v in per_seed.items()}
 
 
@@ -1635,13 +1642,9 @@ PREDICTOR_CANDIDATES = {  # name: (model kind, router features)
 def tuning_report(traces, predictor, fraction: float = 0.25, stride: int = 4) -> dict:
     """On tuning traces {context: {phase: trace}}: the learned policy's hit rate and share of
     the LRU-to-Belady gap closed per "context phase" at `fraction`, and the AUC of the
-    predicted distance for "used within h steps" (h = 1, 2, 4, 8), pooled."""
-    from sklearn.metrics import roc_auc_score
-
-    from sage_core.offload.reuse import training_rows
-
+    predicted distance for "used within h steps" (h = 1, 2, 4, 8), pooled (`distance_auc`)."""
     hits = tuning_hit_rates(traces, predictor, fraction)
-    gap, xs, ys = {}, [], []
+    gap = {}
     for context, phases in traces.items():
         for phase, trace in phases.items():
             keys, _ = access_sequence(trace)
@@ -1649,21 +1652,12 @@ def tuning_report(traces, predictor, fraction: float = 0.25, stride: int = 4) ->
             lru = cache_policy.simulate(keys, cache_policy.make_policy("lru", cap)).hit_rate
             belady = cache_policy.simulate_belady(keys, cap).hit_rate
             gap[f"{context} {phase}"] = (hits[f"{context} {phase}"] - lru) / (belady - lru)
-            x, y = training_rows(
-                keys,
-                trace.layers,
-                trace.num_experts,
-                predictor.cap,
-                stride,
-                table=predictor.table,
-                router=observed_router(trace, predictor),
-            )
-            xs.append(x)
-            ys.append(y)
-    score = -predictor.predict(np.concatenate(xs))
-    steps = np.expm1(np.concatenate(ys))
-    auc = {h: float(roc_auc_score(steps < h, score)) for h in (1, 2, 4, 8)}
-    return {"hit_rate": hits, "gap_closed": gap, "auc": auc}
+    every = [t for phases in traces.values() for t in phases.values()]
+    return {
+        "hit_rate": hits,
+        "gap_closed": gap,
+        "auc": distance_auc(every, predictor, stride=stride),
+    }
 
 
 def fit_default_predictor(model_path=None, out=None) -> Path:

@@ -126,6 +126,17 @@ def timeline_rows(sets, fraction: float = 0.25, arms=ARMS, links=None) -> list[d
     return rows
 
 
+def slower_on_every_link(rows, arm: str, reference: str) -> list[int]:
+    """The seeds on which `arm`'s timeline tokens/s is below `reference`'s on every link."""
+    speed = {(r["arm"], r["link"], r["seed"]): r["tokens_per_s"] for r in rows}
+    links = dict.fromkeys(r["link"] for r in rows)
+    return [
+        seed
+        for seed in dict.fromkeys(r["seed"] for r in rows)
+        if all(speed[(arm, link, seed)] < speed[(reference, link, seed)] for link in links)
+    ]
+
+
 def timeline_table(rows) -> list[dict]:
     """Per (arm, link): t intervals over seeds of every `step` field."""
     out = []
